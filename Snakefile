@@ -1,0 +1,27 @@
+# vq4dit-bench: quantize -> sample -> features -> metrics -> tables/plots for one preset.
+# Wiring only: every rule calls `python -m vq4dit <stage>`; helpers live in workflow/rules/common.smk.
+from snakemake.utils import min_version
+
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/plots.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

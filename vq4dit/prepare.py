@@ -1,0 +1,213 @@
+"""Prepare stage: the models and reference data every later stage reads.
+
+Smoke preset (trained here, on CPU, from scikit-learn's digits):
+  ``digits-transformer`` a tiny class-conditional DiT in pixel space (8x8x1) with learned sigma,
+  trained with DiT's objective (epsilon MSE + variational bound for the variance, improved DDPM's
+  hybrid loss) and 10% class dropout for guidance; saved in diffusers' layout.
+  ``digits-features`` the digits feature network of the metrics (see ``vq4dit.features``).
+  ``digits-reference`` the reference set: all 1797 digits as uint8 NHWC in ADM's .npz format.
+Paper preset: ``download`` fetches a file and verifies its sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from tqdm import tqdm
+
+from vq4dit.features import DigitsFeatureNet
+from vq4dit.io import atomic_savez
+from vq4dit.models import build_transformer, tie_embedders, untie_embedders
+from vq4dit.sample import make_scheduler
+
+log = logging.getLogger(__name__)
+
+DIGITS_CLASSES = 10
+
+
+def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 NHWC (values 0..16 scaled to 0..255) and their labels."""
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int64)
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+class HybridLoss:
+    """DiT's training loss: MSE on epsilon + the variational bound for the learned-range variance.
+
+    The bound uses a stopped-gradient mean (improved DDPM); at t = 0 it is the Gaussian negative
+    log-likelihood of x0 instead of ADM's discretized likelihood (a simplification for the proxy model).
+    """
+
+    def __init__(self):
+        s = make_scheduler()
+        ab = s.alphas_cumprod.double()
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = s.betas.double()
+        post_var = betas * (1 - ab_prev) / (1 - ab)
+        self.ab = ab.float()
+        self.log_beta = torch.log(betas).float()
+        self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float()
+        self.coef_x0 = (betas * ab_prev.sqrt() / (1 - ab)).float()
+        self.coef_xt = ((1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)).float()
+
+    def __call__(self, model, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        t = torch.randint(len(self.ab), (len(x0),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        eps, v = model(xt, timestep=t, class_labels=labels).sample.chunk(2, dim=1)
+        mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+        view = lambda a: a[t].view(-1, 1, 1, 1)  # noqa: E731
+        x0_pred = (xt - (1 - ab).sqrt() * eps.detach()) / ab.sqrt()
+        mean_p = view(self.coef_x0) * x0_pred + view(self.coef_xt) * xt
+        frac = (v + 1) / 2
+        logvar_p = frac * view(self.log_beta) + (1 - frac) * view(self.post_logvar)
+        mean_q = view(self.coef_x0) * x0 + view(self.coef_xt) * xt
+        kl = normal_kl(mean_q, view(self.post_logvar), mean_p, logvar_p).mean(dim=(1, 2, 3))
+        nll = 0.5 * (math.log(2 * math.pi) + logvar_p + (x0 - mean_p) ** 2 * torch.exp(-logvar_p)).mean(dim=(1, 2, 3))
+        vb = torch.where(t == 0, nll, kl) / math.log(2.0)
+        return (mse + vb).mean()
+
+
+def train_digits_transformer(steps: int, batch_size: int, lr: float, seed: int, class_dropout: float = 0.1):
+    """Train the smoke preset's DiT on all digits; returns the model (untied embedders, eval mode)."""
+    torch.manual_seed(seed)
+    images, labels = digits_uint8()
+    x_all, y_all = to_model_space(images), torch.from_numpy(labels)
+    model = build_transformer("DiT-digits", sample_size=8, in_channels=1, num_classes=DIGITS_CLASSES)
+    tie_embedders(model)
+    model.eval()  # no dropout layers; label dropout is done here, once per sample for all blocks
+    loss_fn, gen = HybridLoss(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc="train DiT-digits", unit="step")
+    for _ in bar:
+        idx = torch.randint(len(x_all), (batch_size,), generator=gen)
+        y = y_all[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < class_dropout] = DIGITS_CLASSES
+        loss = loss_fn(model, x_all[idx], y, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    untie_embedders(model)
+    return model.eval()
+
+
+def train_digits_features(steps: int, batch_size: int, lr: float, seed: int) -> tuple[DigitsFeatureNet, float]:
+    """Train the digits feature network (random 1-pixel shifts as augmentation); returns it and its held-out accuracy."""
+    torch.manual_seed(seed)
+    images, labels = digits_uint8()
+    x_all, y_all = to_model_space(images), torch.from_numpy(labels)
+    perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
+    train, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
+    net, gen = DigitsFeatureNet(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in tqdm(range(steps), desc="train digits-cnn", unit="step"):
+        idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+        x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(net(x)[2], y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (net(x_all[test])[2].argmax(1) == y_all[test]).float().mean().item()
+    return net.eval(), accuracy
+
+
+def sha256sum(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, output: Path, sha256: str | None) -> None:
+    """Fetch ``url`` to ``output`` through a ``.part`` file; verify the sha256 before the final rename."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    part = output.with_name(output.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=output.name) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"cannot download {url} to {output}: {err}. Offline? Place the file at {output} by hand"
+            + (f" (expected sha256 {sha256})" if sha256 else "")
+        ) from err
+    verify(part, sha256, name=output)
+    part.replace(output)
+
+
+def verify(path: Path, sha256: str | None, name: Path | None = None) -> None:
+    """Raise naming the file and the expected hash when ``path`` does not hash to ``sha256``."""
+    if not sha256:
+        log.warning("%s: no sha256 configured, not verified", name or path)
+        return
+    actual = sha256sum(path)
+    if actual != sha256:
+        raise ValueError(f"{name or path}: sha256 {actual} does not match the expected {sha256}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name in ("digits-transformer", "digits-features"):
+        p = sub.add_parser(name)
+        p.add_argument("--steps", type=int, required=True)
+        p.add_argument("--batch-size", type=int, required=True)
+        p.add_argument("--lr", type=float, required=True)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--output", required=True, help="model folder (transformer) or weights file (features)")
+    sub.add_parser("digits-reference").add_argument("--output", required=True)
+    p = sub.add_parser("download")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--output", required=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    output, start = Path(args.output), time.perf_counter()
+    if args.what == "digits-transformer":
+        model = train_digits_transformer(args.steps, args.batch_size, args.lr, args.seed)
+        model.save_pretrained(output, safe_serialization=True)
+    elif args.what == "digits-features":
+        net, accuracy = train_digits_features(args.steps, args.batch_size, args.lr, args.seed)
+        log.info("digits-cnn held-out accuracy %.3f", accuracy)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), output)
+    elif args.what == "digits-reference":
+        images, labels = digits_uint8()
+        atomic_savez(output, arr_0=images, labels=labels)
+    else:
+        download(args.url, output, args.sha256 or None)
+    log.info("prepared %s in %.1f s", output, time.perf_counter() - start)

@@ -1,0 +1,116 @@
+"""Quantize stage: one model, one setting of ``config/settings.tsv``, written as a packed checkpoint.
+
+Packed layout (safetensors): every tensor of the FP transformer except the quantized block
+weights, plus each quantized layer's packed tensors under ``<layer>.<key>``; the metadata records
+the setting and each layer's format. ``load_quantized_transformer`` dequantizes once at load time,
+so sampling costs the same as the FP model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vq4dit import rtn, size
+from vq4dit.io import atomic_write_json, resolve_device
+from vq4dit.models import block_linear_names, load_transformer
+
+log = logging.getLogger(__name__)
+
+#: method name -> function(model, layer names, setting, calibration config, device) -> (packed layers, info)
+Quantizer = Callable[..., tuple[dict[str, dict[str, torch.Tensor]], dict]]
+
+#: layer format -> dequantizer of its packed tensors
+DEQUANTIZERS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {"rtn": rtn.dequantize}
+
+
+def quantize_fp(model, names, setting, calibration, device):
+    """The full-precision reference: nothing is quantized."""
+    return {}, {"size": size.fp_size(size.linear_shapes(model, names))}
+
+
+def quantize_rtn(model, names, setting, calibration, device):
+    """Per-output-channel RTN of every block linear."""
+    bits = int(setting["bits"])
+    modules = dict(model.named_modules())
+    packed = {name: rtn.quantize_weight(modules[name].weight, bits) for name in names}
+    return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}
+
+
+METHODS: dict[str, Quantizer] = {"fp": quantize_fp, "rtn": quantize_rtn}
+FORMATS: dict[str, str] = {"rtn": "rtn"}
+
+
+def save_packed(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], fmt: str, setting: dict,
+                path: Path) -> None:
+    """Write the packed checkpoint (quantized weights replaced by their packed tensors)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, tensors in packed.items():
+        del state[f"{name}.weight"]
+        state.update({f"{name}.{key}": t.detach().cpu().contiguous() for key, t in tensors.items()})
+    metadata = {"setting": json.dumps(setting), "layers": json.dumps({name: fmt for name in packed})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The dequantized state dict of a packed checkpoint and its per-layer formats."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: packed model not found (run the quantize stage)")
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads((f.metadata() or {}).get("layers", "{}"))
+    state = load_file(str(path))
+    for name, fmt in layers.items():
+        prefix = f"{name}."
+        keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k != f"{name}.bias"]
+        state[f"{name}.weight"] = DEQUANTIZERS[fmt]({k[len(prefix):]: state.pop(k) for k in keys})
+    return state, layers
+
+
+def load_quantized_transformer(transformer_dir: str | Path, packed_path: str | Path,
+                               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The FP architecture with the packed checkpoint's (dequantized-once) weights."""
+    model = load_transformer(transformer_dir)
+    state, _ = read_packed(packed_path)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
+    parser.add_argument("--setting", required=True, help="the settings.tsv row as JSON")
+    parser.add_argument("--calibration", default="{}", help="calibration config as JSON")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", required=True, help="packed model (.safetensors)")
+    parser.add_argument("--info", required=True, help="JSON with size accounting and timings")
+
+
+def run(args: argparse.Namespace) -> None:
+    setting, calibration = json.loads(args.setting), json.loads(args.calibration)
+    method = setting.get("method")
+    if method not in METHODS:
+        raise ValueError(f"setting {setting.get('id')!r}: unknown method {method!r}; expected one of {sorted(METHODS)}")
+    device = resolve_device(args.device)
+    model = load_transformer(args.transformer, device)
+    names = block_linear_names(model)
+    log.info("setting %s (%s) on %d block linears, device %s", setting.get("id"), method, len(names), device)
+    start = time.perf_counter()
+    packed, info = METHODS[method](model, names, setting, calibration, device)
+    info["quantize_seconds"] = time.perf_counter() - start
+    output = Path(args.output)
+    save_packed(model, packed, FORMATS.get(method, method), setting, output)
+    info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names))
+    atomic_write_json(Path(args.info), info)
+    log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])

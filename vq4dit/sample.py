@@ -1,0 +1,183 @@
+"""Sample stage: one shard of class-conditional samples, DDPM with respaced steps and guidance.
+
+The sampler follows DiT's evaluation (``sample_ddp.py``): 1000 training steps respaced by
+``space_timesteps``, learned-range variance, classifier-free guidance on a doubled batch with the
+null label, and only the conditional half kept. diffusers' ``DDPMScheduler`` with custom timesteps
+does the respaced step (its respaced beta and learned-range variance are improved-DDPM's).
+Image ``i`` draws its label, initial noise and per-step noise from one generator seeded by
+(``seed``, ``i``) only, so samples do not depend on the shard size or the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from tqdm import tqdm
+
+from vq4dit.io import atomic_savez, resolve_device
+from vq4dit.models import num_classes
+from vq4dit.quantize import load_quantized_transformer
+
+log = logging.getLogger(__name__)
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def make_scheduler() -> DDPMScheduler:
+    """DiT's training diffusion: linear betas 1e-4..0.02 over 1000 steps, epsilon prediction, learned range."""
+    return DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        variance_type="learned_range",
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+
+
+def space_timesteps(num_timesteps: int, section_counts: list[int]) -> list[int]:
+    """Timesteps kept by improved-DDPM/DiT respacing: per equal section, evenly spaced and rounded.
+
+    Python's ``round`` (half to even) is part of the published rule.
+    """
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, kept = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(kept))
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of image ``index``: a function of (seed, index) only."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def guided_output(out: torch.Tensor, channels: int, cfg_scale: float, cfg_channels: int | None) -> torch.Tensor:
+    """Combine the conditional and null halves: guide the first ``cfg_channels`` noise channels (all if None).
+
+    DiT's ``forward_with_cfg`` guides 3 of the 4 latent channels; the learned variance is never guided.
+    """
+    cond, uncond = out.chunk(2)
+    guided = cond.clone()
+    g = channels if cfg_channels is None else min(cfg_channels, channels)
+    guided[:, :g] = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+    return guided
+
+
+@torch.inference_mode()
+def sample_batch(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    generators: list[torch.Generator],
+    steps: int,
+    cfg_scale: float,
+    cfg_channels: int | None = None,
+    hook=None,
+) -> torch.Tensor:
+    """Run the respaced DDPM sampler; returns final samples (model space). ``hook(t, x)`` sees each model input."""
+    device = next(model.parameters()).device
+    cfg = model.config
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(timesteps=space_timesteps(NUM_TRAIN_TIMESTEPS, [steps])[::-1], device=device)
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+    labels = labels.to(device)
+    null = torch.full_like(labels, num_classes(model))
+    guided = cfg_scale != 1.0
+    for t in scheduler.timesteps:
+        model_in = torch.cat([x, x]) if guided else x
+        class_in = torch.cat([labels, null]) if guided else labels
+        t_in = torch.full((len(model_in),), int(t), device=device, dtype=torch.long)
+        if hook is not None:
+            hook(t_in, model_in, class_in)
+        out = model(model_in, timestep=t_in, class_labels=class_in).sample.float()
+        if guided:
+            out = guided_output(out, cfg.in_channels, cfg_scale, cfg_channels)
+        x = scheduler.step(out, t, x, generator=generators).prev_sample
+    return x
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats to uint8 NHWC exactly as DiT's ``sample_ddp.py``: clamp((x+1)*127.5+0.5, 0, 255)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def decode(latents: torch.Tensor, vae) -> torch.Tensor:
+    """Decode latents with the VAE after undoing the 0.18215 latent scale (pixel models pass ``vae=None``)."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / 0.18215).sample
+
+
+def labels_for(seed: int, start: int, count: int, classes: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Labels and generators of images ``start .. start+count-1``; the label is the generator's first draw."""
+    generators = [image_generator(seed, i) for i in range(start, start + count)]
+    labels = torch.cat([torch.randint(classes, (1,), generator=g) for g in generators])
+    return labels, generators
+
+
+def generate_shard(
+    model: torch.nn.Module, vae, seed: int, start: int, count: int, batch_size: int,
+    steps: int, cfg_scale: float, cfg_channels: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 NHWC) and labels of one shard, generated in batches."""
+    images, labels = [], []
+    for begin in tqdm(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
+        n = min(batch_size, start + count - begin)
+        y, gens = labels_for(seed, begin, n, num_classes(model))
+        x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels)
+        with torch.inference_mode():
+            images.append(to_uint8(decode(x, vae)))
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_vae(directory: str | None, device: torch.device):
+    """The VAE decoder of latent-space presets, or None for pixel-space models."""
+    if not directory:
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(directory).to(device).eval()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
+    parser.add_argument("--quantized", required=True, help="packed model of the setting (quantize stage output)")
+    parser.add_argument("--vae", default="", help="diffusers VAE folder; empty for pixel-space models")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--cfg-scale", type=float, required=True)
+    parser.add_argument("--cfg-channels", type=int, default=None, help="guided noise channels (default: all)")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--start", type=int, required=True, help="global index of the shard's first image")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", required=True, help=".npz with arr_0 (uint8 NHWC) and labels")
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    model = load_quantized_transformer(args.transformer, args.quantized, device)
+    vae = load_vae(args.vae, device)
+    log.info("sampling images %d..%d, %d steps, cfg %.2f on %s", args.start, args.start + args.count - 1,
+             args.steps, args.cfg_scale, device)
+    images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
+                                    args.steps, args.cfg_scale, args.cfg_channels)
+    atomic_savez(Path(args.output), arr_0=images, labels=labels)
+    log.info("wrote %s: %s", args.output, images.shape)

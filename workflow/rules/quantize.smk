@@ -1,0 +1,26 @@
+# Quantize: one packed model per (model, setting).
+
+
+rule quantize:
+    input:
+        transformer=transformer_config,
+    output:
+        packed="results/{preset}/quantized/{model}/{setting}.safetensors",
+        info="results/{preset}/quantized/{model}/{setting}.json",
+    params:
+        setting=setting_json,
+        calibration=json.dumps(config.get("calibration", {}), sort_keys=True),
+        device=config["device"],
+    log:
+        "logs/{preset}/quantize/{model}/{setting}.log",
+    benchmark:
+        "results/{preset}/benchmarks/quantize/{model}/{setting}.tsv"
+    threads: 2
+    resources:
+        gpu=gpu,
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit quantize --transformer {input.transformer} --setting {params.setting:q}"
+        " --calibration {params.calibration:q} --device {params.device}"
+        " --output {output.packed} --info {output.info} > {log} 2>&1"

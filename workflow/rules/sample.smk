@@ -1,0 +1,32 @@
+# Sample: one shard of images per (model, setting, steps, shard); image i depends on (seed, i) only.
+
+
+rule sample:
+    input:
+        transformer=transformer_config,
+        packed="results/{preset}/quantized/{model}/{setting}.safetensors",
+        vae=vae_config,
+    output:
+        "results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz",
+    params:
+        vae=vae_folder,
+        range=shard_range,
+        cfg_scale=SAMPLING["cfg_scale"],
+        cfg_channels=f"--cfg-channels {SAMPLING['cfg_channels']}" if SAMPLING.get("cfg_channels") else "",
+        seed=SAMPLING["seed"],
+        batch_size=SAMPLING["batch_size"],
+        device=config["device"],
+    log:
+        "logs/{preset}/sample/{model}/{setting}/steps{steps}/shard{shard}.log",
+    benchmark:
+        "results/{preset}/benchmarks/sample/{model}/{setting}/steps{steps}/shard{shard}.tsv"
+    threads: 1
+    resources:
+        gpu=gpu,
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit sample --transformer {input.transformer} --quantized {input.packed}"
+        " --vae '{params.vae}' --steps {wildcards.steps} --cfg-scale {params.cfg_scale} {params.cfg_channels}"
+        " --seed {params.seed} --start {params.range[0]} --count {params.range[1]}"
+        " --batch-size {params.batch_size} --device {params.device} --output {output} > {log} 2>&1"
