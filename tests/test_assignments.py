@@ -8,7 +8,8 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vq4dit.assignments import VQLinear, block_linear_names, dequantize, index_dtype, init_logits, quantize_model_linears
+from vq4dit.assignments import VQLinear, dequantize, index_dtype, init_logits, quantize_model_linears
+from vq4dit.models import block_linear_names
 
 
 def _linear(out_features: int = 16, in_features: int = 32, seed: int = 0) -> nn.Linear:

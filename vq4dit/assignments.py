@@ -225,15 +225,6 @@ def dequantize(packed: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     return weight.reshape(out_features, in_features), packed.get("bias")
 
 
-def block_linear_names(model: nn.Module) -> list[str]:
-    """Quantized linears of a diffusers DiTTransformer2DModel: block nn.Linear except ``norm1.emb`` copies."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith("transformer_blocks.") and ".norm1.emb." not in name
-    ]
-
-
 def quantize_model_linears(model: nn.Module, names: list[str], **vq_kwargs: object) -> dict[str, VQLinear]:
     """Replace each named nn.Linear of ``model`` in place by ``VQLinear.from_linear(linear, **vq_kwargs)``."""
     layers = {}

@@ -25,9 +25,8 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.utils import create_feature_extractor
-from tqdm import tqdm
 
-from vq4dit.io import atomic_savez, load_npz, resolve_device
+from vq4dit.io import progress, atomic_savez, load_npz, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ def extract(images: np.ndarray, model: FeatureModel, batch_size: int, device: to
     """Features of uint8 NHWC images, batched."""
     parts: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
     model.to(device)
-    for begin in tqdm(range(0, len(images), batch_size), desc="features", unit="batch"):
+    for begin in progress(range(0, len(images), batch_size), desc="features", unit="batch"):
         batch = torch.from_numpy(images[begin:begin + batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
         for key, value in zip(parts, model(batch)):
             parts[key].append(value.float().cpu().numpy())

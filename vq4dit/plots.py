@@ -53,8 +53,9 @@ def tile(images: np.ndarray, columns: int) -> np.ndarray:
 
 def sample_grid(shards: list[str], names: list[str], title: str, count: int = 32, columns: int = 8):
     """The first ``count`` samples of every setting, one panel per setting."""
-    fig, axes = plt.subplots(1, len(shards), figsize=(2.6 * len(shards), 1.6 + 2.6 * count / columns / columns * 2))
-    for ax, path, name in zip(np.atleast_1d(axes), shards, names):
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(1, len(shards), figsize=(2.6 * len(shards), 0.8 + 2.6 * rows / columns), squeeze=False)
+    for ax, path, name in zip(axes[0], shards, names):
         mosaic = tile(load_npz(path, ("arr_0",))["arr_0"][:count], columns)
         ax.imshow(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")

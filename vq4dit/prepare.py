@@ -6,7 +6,8 @@ Smoke preset (trained here, on CPU, from scikit-learn's digits):
   hybrid loss) and 10% class dropout for guidance; saved in diffusers' layout.
   ``digits-features`` the digits feature network of the metrics (see ``vq4dit.features``).
   ``digits-reference`` the reference set: all 1797 digits as uint8 NHWC in ADM's .npz format.
-Paper preset: ``download`` fetches a file and verifies its sha256.
+Paper preset: ``download`` fetches a file and verifies its sha256; ``convert-dit`` turns an
+official DiT checkpoint (facebookresearch/DiT ``models.py`` key layout) into diffusers' layout.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from tqdm import tqdm
 
 from vq4dit.features import DigitsFeatureNet
-from vq4dit.io import atomic_savez
-from vq4dit.models import build_transformer, tie_embedders, untie_embedders
+from vq4dit.io import progress, atomic_savez
+from vq4dit.models import build_transformer, block_linear_names, tie_embedders, untie_embedders
 from vq4dit.sample import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def train_digits_transformer(steps: int, batch_size: int, lr: float, seed: int, 
     loss_fn, gen = HybridLoss(), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    bar = tqdm(range(steps), desc="train DiT-digits", unit="step")
+    bar = progress(range(steps), desc="train DiT-digits", unit="step")
     for _ in bar:
         idx = torch.randint(len(x_all), (batch_size,), generator=gen)
         y = y_all[idx].clone()
@@ -126,7 +126,7 @@ def train_digits_features(steps: int, batch_size: int, lr: float, seed: int) -> 
     train, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
     net, gen = DigitsFeatureNet(), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in tqdm(range(steps), desc="train digits-cnn", unit="step"):
+    for _ in progress(range(steps), desc="train digits-cnn", unit="step"):
         idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
         shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
         x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))
@@ -155,7 +155,7 @@ def download(url: str, output: Path, sha256: str | None) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=output.name) as bar:
+            with progress(total=total, unit="B", unit_scale=True, desc=output.name) as bar:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
@@ -165,7 +165,11 @@ def download(url: str, output: Path, sha256: str | None) -> None:
             f"cannot download {url} to {output}: {err}. Offline? Place the file at {output} by hand"
             + (f" (expected sha256 {sha256})" if sha256 else "")
         ) from err
-    verify(part, sha256, name=output)
+    try:
+        verify(part, sha256, name=output)
+    except ValueError:
+        part.unlink()
+        raise
     part.replace(output)
 
 
@@ -179,6 +183,55 @@ def verify(path: Path, sha256: str | None, name: Path | None = None) -> None:
         raise ValueError(f"{name or path}: sha256 {actual} does not match the expected {sha256}")
 
 
+#: original DiT key prefix -> diffusers key prefix, per block (qkv is split separately)
+BLOCK_KEYS = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+              "adaLN_modulation.1": "norm1.linear"}
+#: original embedder key prefix -> diffusers prefix under each block's ``norm1.emb``
+EMBEDDER_KEYS = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2",
+                 "y_embedder.embedding_table": "class_embedder.embedding_table"}
+TOP_KEYS = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
+            "final_layer.linear": "proj_out_2"}
+
+
+def convert_dit_state(original: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Rename an original DiT state dict into diffusers' ``DiTTransformer2DModel`` keys.
+
+    qkv is split into to_q/to_k/to_v, the embedders are copied into every block's ``norm1.emb``, and
+    the fixed sin-cos ``pos_embed`` (diffusers recomputes it) is dropped.
+    """
+    state = {}
+    for suffix in ("weight", "bias"):
+        for old, new in TOP_KEYS.items():
+            state[f"{new}.{suffix}"] = original[f"{old}.{suffix}"]
+        for i in range(depth):
+            block = f"transformer_blocks.{i}"
+            q, k, v = original[f"blocks.{i}.attn.qkv.{suffix}"].chunk(3)
+            state.update({f"{block}.attn1.to_q.{suffix}": q, f"{block}.attn1.to_k.{suffix}": k,
+                          f"{block}.attn1.to_v.{suffix}": v})
+            for old, new in BLOCK_KEYS.items():
+                state[f"{block}.{new}.{suffix}"] = original[f"blocks.{i}.{old}.{suffix}"]
+            for old, new in EMBEDDER_KEYS.items():
+                if f"{old}.{suffix}" in original:
+                    state[f"{block}.norm1.emb.{new}.{suffix}"] = original[f"{old}.{suffix}"]
+    return {k: v.clone() for k, v in state.items()}
+
+
+def convert_dit(checkpoint: Path, arch: str, image_size: int, sha256: str | None):
+    """Load an official DiT checkpoint (verified when a sha256 is configured) as a diffusers model."""
+    verify(checkpoint, sha256)
+    original = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    original = original.get("ema", original) if isinstance(original, dict) else original
+    classes = original["y_embedder.embedding_table.weight"].shape[0] - 1
+    channels = original["x_embedder.proj.weight"].shape[1]
+    model = build_transformer(arch, sample_size=image_size // 8, in_channels=channels, num_classes=classes)
+    missing = set(model.state_dict()) - set(state := convert_dit_state(original, len(model.transformer_blocks)))
+    if missing:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint; missing {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=True)
+    log.info("converted %s: %d block linears", checkpoint, len(block_linear_names(model)))
+    return model.eval()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     for name in ("digits-transformer", "digits-features"):
@@ -189,6 +242,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--output", required=True, help="model folder (transformer) or weights file (features)")
     sub.add_parser("digits-reference").add_argument("--output", required=True)
+    p = sub.add_parser("convert-dit")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--output", required=True, help="diffusers model folder")
     p = sub.add_parser("download")
     p.add_argument("--url", required=True)
     p.add_argument("--sha256", default="")
@@ -208,6 +267,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.what == "digits-reference":
         images, labels = digits_uint8()
         atomic_savez(output, arr_0=images, labels=labels)
+    elif args.what == "convert-dit":
+        convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None).save_pretrained(output)
     else:
         download(args.url, output, args.sha256 or None)
     log.info("prepared %s in %.1f s", output, time.perf_counter() - start)

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from tqdm import tqdm
 
-from vq4dit.io import atomic_savez, resolve_device
+from vq4dit.io import progress, atomic_savez, resolve_device
 from vq4dit.models import num_classes
 from vq4dit.quantize import load_quantized_transformer
 
@@ -137,7 +136,7 @@ def generate_shard(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8 NHWC) and labels of one shard, generated in batches."""
     images, labels = [], []
-    for begin in tqdm(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
+    for begin in progress(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
         n = min(batch_size, start + count - begin)
         y, gens = labels_for(seed, begin, n, num_classes(model))
         x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels)

@@ -1,0 +1,88 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from vq4dit.models import build_transformer
+from vq4dit.prepare import HybridLoss, convert_dit, digits_uint8, download, sha256sum
+
+
+def original_layout(model) -> dict[str, torch.Tensor]:
+    """The diffusers tiny DiT's weights written in facebookresearch/DiT's key layout."""
+    s = model.state_dict()
+    emb = "transformer_blocks.0.norm1.emb"
+    out = {"pos_embed": torch.zeros(1, 16, 128)}
+    for suffix in ("weight", "bias"):
+        out[f"x_embedder.proj.{suffix}"] = s[f"pos_embed.proj.{suffix}"]
+        out[f"t_embedder.mlp.0.{suffix}"] = s[f"{emb}.timestep_embedder.linear_1.{suffix}"]
+        out[f"t_embedder.mlp.2.{suffix}"] = s[f"{emb}.timestep_embedder.linear_2.{suffix}"]
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = s[f"proj_out_1.{suffix}"]
+        out[f"final_layer.linear.{suffix}"] = s[f"proj_out_2.{suffix}"]
+        for i in range(len(model.transformer_blocks)):
+            b = f"transformer_blocks.{i}"
+            out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([s[f"{b}.attn1.to_{x}.{suffix}"] for x in "qkv"])
+            out[f"blocks.{i}.attn.proj.{suffix}"] = s[f"{b}.attn1.to_out.0.{suffix}"]
+            out[f"blocks.{i}.mlp.fc1.{suffix}"] = s[f"{b}.ff.net.0.proj.{suffix}"]
+            out[f"blocks.{i}.mlp.fc2.{suffix}"] = s[f"{b}.ff.net.2.{suffix}"]
+            out[f"blocks.{i}.adaLN_modulation.1.{suffix}"] = s[f"{b}.norm1.linear.{suffix}"]
+    out["y_embedder.embedding_table.weight"] = s[f"{emb}.class_embedder.embedding_table.weight"]
+    return out
+
+
+def test_original_checkpoint_converts_to_the_same_model(tiny_dit, tmp_path):
+    for block in tiny_dit.transformer_blocks[1:]:  # an original checkpoint has one embedder
+        block.norm1.emb.load_state_dict(tiny_dit.transformer_blocks[0].norm1.emb.state_dict())
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(original_layout(tiny_dit), path)
+    converted = convert_dit(path, "DiT-digits", image_size=64, sha256=sha256sum(path))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x, t, y).sample, tiny_dit(x, t, y).sample, rtol=0, atol=0)
+
+
+def test_converting_a_wrong_checkpoint_names_the_file(tiny_dit, tmp_path):
+    path = tmp_path / "other.pt"
+    state = original_layout(tiny_dit)
+    del state["blocks.1.mlp.fc1.weight"]
+    torch.save(state, path)
+    with pytest.raises(KeyError, match="blocks.1.mlp.fc1.weight"):
+        convert_dit(path, "DiT-digits", image_size=64, sha256=None)
+
+
+def test_wrong_sha256_stops_with_file_and_expected_hash(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"truncated")
+    expected = "0" * 64
+    with pytest.raises(ValueError, match=f"ckpt.pt.*{expected}"):
+        convert_dit(path, "DiT-digits", image_size=64, sha256=expected)
+
+
+def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
+    source = tmp_path / "remote.bin"
+    source.write_bytes(b"weights" * 1000)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    target = tmp_path / "resources" / "weights.bin"
+    download(source.as_uri(), target, good)
+    assert target.read_bytes() == source.read_bytes()
+    bad_target = tmp_path / "resources" / "bad.bin"
+    with pytest.raises(ValueError, match="does not match the expected " + "1" * 64):
+        download(source.as_uri(), bad_target, "1" * 64)
+    assert not bad_target.exists() and not list(bad_target.parent.glob("*.part"))
+    with pytest.raises(RuntimeError, match="Place the file at .*missing.bin by hand"):
+        download((tmp_path / "nowhere.bin").as_uri(), tmp_path / "missing.bin", good)
+
+
+def test_digits_reference_is_adm_format():
+    images, labels = digits_uint8()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    assert images.max() == 255 and images.min() == 0 and set(labels) == set(range(10))
+
+
+def test_hybrid_loss_is_finite_and_trains_the_variance(tiny_dit):
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    loss = HybridLoss()(tiny_dit, x0, torch.arange(8), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    grad = tiny_dit.proj_out_2.weight.grad.view(2, 2, 2, 128, -1)  # (p, q, channel) rows
+    assert grad.abs().sum() > 0

@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vq4dit import rtn
+from vq4dit.models import block_linear_names
+from vq4dit.quantize import load_quantized_transformer, read_packed
+
+
+def run_quantize(tiny_dit_dir, tmp_path, setting):
+    packed, info = tmp_path / f"{setting['id']}.safetensors", tmp_path / f"{setting['id']}.json"
+    subprocess.run(
+        [sys.executable, "-m", "vq4dit", "quantize", "--transformer", str(tiny_dit_dir / "config.json"),
+         "--setting", json.dumps(setting), "--device", "cpu", "--output", str(packed), "--info", str(info)],
+        check=True, capture_output=True,
+    )
+    return packed, json.loads(info.read_text())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_codes_and_error(bits):
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    packed = rtn.quantize_weight(w, bits)
+    assert packed["codes"].dtype == torch.uint8 and int(packed["codes"].max()) <= 2**bits - 1
+    error = (rtn.dequantize(packed) - w).abs()
+    step = packed["scale"].float()
+    assert torch.all(error <= step / 2 + 1e-3)  # round-to-nearest inside the clipping range
+
+
+def test_rtn_error_shrinks_with_bits():
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    errors = [(rtn.dequantize(rtn.quantize_weight(w, b)) - w).pow(2).mean() for b in (2, 3, 4)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_rtn_rejects_bad_bits():
+    with pytest.raises(ValueError, match="bits"):
+        rtn.quantize_weight(torch.zeros(2, 2), 9)
+
+
+def test_fp_setting_reloads_the_same_model(tiny_dit, tiny_dit_dir, tmp_path):
+    packed, info = run_quantize(tiny_dit_dir, tmp_path, {"id": "fp", "method": "fp"})
+    model = load_quantized_transformer(tiny_dit_dir, packed)
+    for name, tensor in tiny_dit.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert info["size"]["bits_per_weight"] == 32 and info["file_mb"] > 0
+
+
+def test_rtn_setting_packs_and_dequantizes_every_block_linear(tiny_dit, tiny_dit_dir, tmp_path):
+    packed, info = run_quantize(tiny_dit_dir, tmp_path, {"id": "rtn-w2", "method": "rtn", "bits": 2})
+    state, layers = read_packed(packed)
+    names = block_linear_names(tiny_dit)
+    assert sorted(layers) == sorted(names) and set(layers.values()) == {"rtn"}
+    modules = dict(tiny_dit.named_modules())
+    for name in names:
+        expected = rtn.dequantize(rtn.quantize_weight(modules[name].weight, 2))
+        assert torch.equal(state[f"{name}.weight"], expected), name
+    embedder = "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight"
+    assert torch.equal(state[embedder], tiny_dit.state_dict()[embedder])  # embedders stay full precision
+    assert info["size"]["bits_per_weight"] == 2
+    fp_bytes = sum(modules[n].weight.numel() for n in names) * 4
+    assert info["file_mb"] * 2**20 < sum(t.numel() * 4 for t in tiny_dit.state_dict().values()) - fp_bytes / 2
+
+
+def test_unknown_method_is_rejected_with_the_setting_named(tiny_dit_dir, tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_quantize(tiny_dit_dir, tmp_path, {"id": "odd", "method": "magic"})
+    assert "odd" in err.value.stderr.decode() and "magic" in err.value.stderr.decode()

@@ -1,0 +1,121 @@
+"""The Snakemake workflow through its command line: lint, dry runs, settings validation, one smoke run."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ("Snakefile", "workflow", "config", "profiles", "envs")
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> tuple[int, str]:
+    """Exit code and the whole output (stdout + stderr) of a snakemake command."""
+    result = subprocess.run(["snakemake", *args], cwd=workdir, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{output}")
+    return result.returncode, output
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    for name in COPIED:
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
+    return tmp_path
+
+
+def write_config(workdir: Path, name: str, base: str = "config/smoke.yaml", **sections) -> str:
+    config = yaml.safe_load((REPO / base).read_text())
+    for key, value in sections.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path = workdir / "config" / name
+    path.write_text(yaml.safe_dump(config))
+    return f"config/{name}"
+
+
+def test_lint_is_clean():
+    code, output = snakemake(REPO, "--lint", "--configfile", "config/smoke.yaml", check=False)
+    assert code == 0, output
+
+
+def test_paper_preset_dry_run_lists_every_job(workdir):
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    counts = job_counts(snakemake(workdir, "-n", "--configfile", "config/config.yaml")[1])
+    models, settings = len(config["models"]), len(config["settings"])
+    steps = len(config["sampling"]["steps"])
+    shards = math.ceil(config["sampling"]["n_samples"] / config["sampling"]["shard_size"])
+    assert counts["quantize"] == models * settings
+    assert counts["sample"] == models * settings * steps * shards
+    assert counts["metrics"] == counts["features"] == models * settings * steps
+    assert counts["convert_checkpoint"] == models and counts["tables"] == 1
+
+
+def test_smoke_preset_dry_run_does_not_merge_the_paper_config(workdir):
+    counts = job_counts(snakemake(workdir, "-n", "--configfile", "config/smoke.yaml")[1])
+    assert "download" not in counts and counts["train_transformer"] == 1
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [("rtn-w9\tmagic\t9\tunknown method", r"line 6 \(id 'rtn-w9'\).*'magic' is not one of"),
+     ("rtn-wx\trtn\t\tmissing bits", r"line 6 \(id 'rtn-wx'\).*'bits' is a required property")],
+)
+def test_bad_settings_row_fails_before_any_job(workdir, row, message):
+    table = workdir / "config" / "settings.tsv"
+    table.write_text(table.read_text() + row + "\n")
+    code, output = snakemake(workdir, "--cores", "1", "--configfile", "config/smoke.yaml", check=False)
+    assert code != 0 and re.search(message, output, re.S), output
+    assert "settings.tsv" in output
+    assert not (workdir / "results").exists()
+
+
+def test_unknown_setting_id_in_config_is_named(workdir):
+    config = write_config(workdir, "bad.yaml", settings=["fp", "vq-nope"])
+    code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
+    assert code != 0 and "vq-nope" in output
+
+
+@pytest.mark.e2e
+def test_smoke_run_end_to_end(workdir):
+    """Reduced smoke preset: table complete and finite; rerun is a no-op; a deleted shard reruns alone."""
+    config = write_config(
+        workdir, "tiny.yaml",
+        models={"digits": {"source": "train", "reference": "digits",
+                           "train": {"steps": 60, "batch_size": 32, "lr": 0.001, "seed": 0}}},
+        feature_extractor={"train": {"steps": 60, "batch_size": 64, "lr": 0.002, "seed": 0}},
+        sampling={"steps": [4, 8], "n_samples": 120, "shard_size": 60, "batch_size": 60},
+    )
+    settings = yaml.safe_load((workdir / config).read_text())["settings"]
+    snakemake(workdir, "--cores", "2", "--configfile", config)
+    csv = workdir / "results/smoke/tables/metrics.csv"
+    table = pd.read_csv(csv)
+    assert sorted(zip(table.setting, table.steps)) == sorted((s, n) for s in settings for n in (4, 8))
+    metrics = ["fid", "sfid", "is", "precision", "recall"]
+    assert np.isfinite(table[metrics].to_numpy()).all() and (table.n_samples == 120).all()
+    for name in ("plots/tradeoff.png", "plots/tradeoff.pdf", "plots/samples/digits-steps4.png",
+                 "tables/metrics.md", "tables/metrics.tex"):
+        assert (workdir / "results/smoke" / name).stat().st_size > 0, name
+    assert (workdir / "logs/smoke/quantize/digits/rtn-w2.log").is_file()
+
+    assert "Nothing to be done" in snakemake(workdir, "--cores", "2", "--configfile", config)[1]
+
+    (workdir / "results/smoke/samples/digits/rtn-w2/steps8/shard1.npz").unlink()
+    counts = job_counts(snakemake(workdir, "-n", "--configfile", config)[1])
+    assert counts == {"sample": 1, "features": 1, "metrics": 1, "tables": 1, "tradeoff_plot": 1, "all": 1}
+    snakemake(workdir, "--cores", "2", "--configfile", config)
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
