@@ -8,6 +8,11 @@ min_version("9.20")
 configfile: "config/config.yaml"
 
 
+# GPU tokens are a per-submission budget on clusters (a grouped job shares one GPU), global locally.
+resource_scopes:
+    gpu="local",
+
+
 report: "workflow/report/workflow.rst"
 
 

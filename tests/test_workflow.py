@@ -72,8 +72,8 @@ def test_smoke_preset_dry_run_does_not_merge_the_paper_config(workdir):
 
 @pytest.mark.parametrize(
     "row, message",
-    [("rtn-w9\tmagic\t9\tunknown method", r"line 6 \(id 'rtn-w9'\).*'magic' is not one of"),
-     ("rtn-wx\trtn\t\tmissing bits", r"line 6 \(id 'rtn-wx'\).*'bits' is a required property")],
+    [("rtn-w9\tmagic\t9\t\t\t\tunknown method", r"line 12 \(id 'rtn-w9'\).*'magic' is not one of"),
+     ("rtn-wx\trtn\t\t\t\t\tmissing bits", r"line 12 \(id 'rtn-wx'\).*'bits' is a required property")],
 )
 def test_bad_settings_row_fails_before_any_job(workdir, row, message):
     table = workdir / "config" / "settings.tsv"

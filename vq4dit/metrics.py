@@ -14,8 +14,6 @@ Stage command line::
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import linalg, special
+
+from vq4dit.io import atomic_write_json, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-size", type=int, default=5000,
                         help="Inception Score chunk size (ADM: 5000)")
     parser.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device for the precision/recall distances")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for the precision/recall distances (auto: CUDA when present)")
 
 
 class FeatureFile:
@@ -380,26 +380,10 @@ def compute_metrics(
     }
 
 
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write ``data`` as JSON to a temporary file next to ``path``, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run(args: argparse.Namespace) -> None:
     """Compute the metrics of ``--features`` against ``--reference`` and write ``--output``."""
     logger.info("metrics of %s against %s", args.features, args.reference)
     with FeatureFile(args.features) as samples, FeatureFile(args.reference) as reference:
-        metrics = compute_metrics(samples, reference, args.split_size, args.k, args.device)
-    write_json_atomic(metrics, args.output)
+        metrics = compute_metrics(samples, reference, args.split_size, args.k, resolve_device(args.device))
+    atomic_write_json(args.output, metrics)
     logger.info("wrote %s", args.output)

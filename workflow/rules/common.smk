@@ -18,7 +18,7 @@ USE_GPU = config["device"] != "cpu"
 
 def load_settings(path):
     """The settings table, one row per setting id, each row validated with the row and key named on error."""
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#").fillna("")
     rows = {}
     for number, record in enumerate(table.to_dict("records"), start=2):
         row = {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in record.items() if v != ""}

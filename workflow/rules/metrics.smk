@@ -10,13 +10,16 @@ rule metrics:
     params:
         split_size=config["metrics"]["split_size"],
         k=config["metrics"]["k"],
+        device=config["device"],
     log:
         "logs/{preset}/metrics/{model}/{setting}/steps{steps}.log",
     benchmark:
         "results/{preset}/benchmarks/metrics/{model}/{setting}/steps{steps}.tsv"
     threads: 1
+    resources:
+        gpu=gpu,
     conda:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit metrics --features {input.features} --reference {input.reference}"
-        " --split-size {params.split_size} --k {params.k} --output {output} > {log} 2>&1"
+        " --split-size {params.split_size} --k {params.k} --device {params.device} --output {output} > {log} 2>&1"
