@@ -81,7 +81,7 @@ def test_single_candidate_trains_only_codebook_and_bias(tiny_dit, calib) -> None
 def test_sequential_loop_runs_and_records_every_block(tiny_dit, calib) -> None:
     q_model, layers = _quantized(tiny_dit)
     before = block_mse(tiny_dit, q_model, calib)
-    cfg = CalibrationConfig(**{**CFG, "steps": 3, "lr_logits": 0.5})
+    cfg = CalibrationConfig(**{**CFG, "steps": 3})
     history = calibrate_sequential(tiny_dit, q_model, layers, cfg, "cpu", outer_iterations=2)
     assert len(history["blocks"]) == 4
     assert [entry[0] for entry in history["blocks"][0]] == list(range(6))

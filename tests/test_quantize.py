@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vq4dit import rtn
 from vq4dit.models import block_linear_names
@@ -70,3 +71,32 @@ def test_unknown_method_is_rejected_with_the_setting_named(tiny_dit_dir, tmp_pat
     with pytest.raises(subprocess.CalledProcessError) as err:
         run_quantize(tiny_dit_dir, tmp_path, {"id": "odd", "method": "magic"})
     assert "odd" in err.value.stderr.decode() and "magic" in err.value.stderr.decode()
+
+
+TINY_CALIBRATION = {"trajectories": 1, "labels_per_trajectory": 2, "steps": 4, "iterations": 5, "batch_size": 4,
+                    "kmeans_iters": 5, "ratio_reg_start": 0}
+
+
+@pytest.mark.parametrize("method", ["vq-kmeans", "vq-codebook", "vq4dit"])
+def test_vq_settings_pack_hard_assignments_that_reload_bit_exactly(tiny_dit, tiny_dit_dir, tmp_path, method):
+    setting = {"id": method, "method": method, "k": 16, "d": 4, "n_candidates": 2}
+    packed_path = tmp_path / f"{method}.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "vq4dit", "quantize", "--transformer", str(tiny_dit_dir), "--setting",
+         json.dumps(setting), "--calibration", json.dumps(TINY_CALIBRATION), "--device", "cpu",
+         "--output", str(packed_path), "--info", str(tmp_path / "info.json")],
+        check=True, capture_output=True,
+    )
+    info = json.loads((tmp_path / "info.json").read_text())
+    state, layers = read_packed(packed_path)
+    raw = load_file(str(packed_path))
+    assert set(layers.values()) == {"vq"} and len(layers) == len(block_linear_names(tiny_dit))
+    name = "transformer_blocks.0.attn1.to_q"
+    assert raw[f"{name}.assignments"].dtype == torch.uint8 and raw[f"{name}.codebook"].dtype == torch.float16
+    codewords = raw[f"{name}.codebook"].float()[raw[f"{name}.assignments"].long()]
+    assert torch.equal(state[f"{name}.weight"], codewords.reshape(128, 128))  # weight = hard decoding
+    assert len(torch.unique(state[f"{name}.weight"].reshape(-1, 4), dim=0)) <= 16
+    model = load_quantized_transformer(tiny_dit_dir, packed_path)
+    assert torch.equal(model.state_dict()[f"{name}.weight"], state[f"{name}.weight"])
+    assert info["size"]["bits_per_weight"] == 1.0 and info["block_mse"] > 0  # log2(16) / 4
+    assert ("calibration_seconds" in info) == (method != "vq-kmeans")

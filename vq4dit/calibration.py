@@ -323,14 +323,15 @@ def calibrate_blockwise(
 class _BlockOutputs:
     """Forward hooks keeping the latest output of every block of a model."""
 
-    def __init__(self, model: nn.Module, detach: bool) -> None:
-        self.outputs: list[Tensor | None] = [None] * len(model.transformer_blocks)
-        self.detach = detach
-        self.handles = [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(model.transformer_blocks)]
+    def __init__(self, model: nn.Module, clone: bool) -> None:
+        blocks = model.transformer_blocks
+        self.outputs: list[Tensor | None] = [None] * len(blocks)
+        self.clone = clone
+        self.handles = [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(blocks)]
 
     def _keeper(self, i: int):
         def keep(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.detach:  # teacher outputs come from inference mode: copy them to normal tensors
+            if self.clone:  # teacher outputs come from inference mode: copy them to normal tensors
                 with torch.inference_mode(False):
                     output = output.clone()
             self.outputs[i] = output
@@ -392,7 +393,7 @@ def calibrate_sequential(
     fp_model, q_model = fp_model.to(device), q_model.to(device)
     _prepare_student(q_model, layers, cfg)
     stepper = _SequentialStep(q_model, _layers_by_block(layers, len(q_model.transformer_blocks)), cfg)
-    teacher, student = _BlockOutputs(fp_model, detach=True), _BlockOutputs(q_model, detach=False)
+    teacher, student = _BlockOutputs(fp_model, clone=True), _BlockOutputs(q_model, clone=False)
     total = outer_iterations * cfg.steps
     every = _record_every(total)
     bar = progress(total=total, desc="sequential calibration", unit="step")

@@ -9,6 +9,7 @@ so sampling costs the same as the FP model.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
@@ -18,40 +19,70 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from vq4dit import rtn, size
+from vq4dit import assignments, rtn, size
+from vq4dit.calibration import (
+    CalibrationConfig, block_mse, calibrate_blockwise, collect_calibration_inputs,
+)
 from vq4dit.io import atomic_write_json, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
 
 log = logging.getLogger(__name__)
 
+Packed = dict[str, dict[str, torch.Tensor]]
 #: method name -> function(model, layer names, setting, calibration config, device) -> (packed layers, info)
-Quantizer = Callable[..., tuple[dict[str, dict[str, torch.Tensor]], dict]]
+Quantizer = Callable[..., tuple[Packed, dict]]
 
-#: layer format -> dequantizer of its packed tensors
-DEQUANTIZERS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {"rtn": rtn.dequantize}
+#: layer format -> dequantizer of its packed tensors (the bias is stored as the layer's plain ``bias``)
+DEQUANTIZERS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
+    "rtn": rtn.dequantize,
+    "vq": lambda packed: assignments.dequantize(packed)[0],
+}
 
 
-def quantize_fp(model, names, setting, calibration, device):
+def quantize_fp(model, names, setting, cfg, device) -> tuple[Packed, dict]:
     """The full-precision reference: nothing is quantized."""
     return {}, {"size": size.fp_size(size.linear_shapes(model, names))}
 
 
-def quantize_rtn(model, names, setting, calibration, device):
+def quantize_rtn(model, names, setting, cfg, device) -> tuple[Packed, dict]:
     """Per-output-channel RTN of every block linear."""
     bits = int(setting["bits"])
-    modules = dict(model.named_modules())
-    packed = {name: rtn.quantize_weight(modules[name].weight, bits) for name in names}
+    packed = {name: rtn.quantize_weight(model.get_submodule(name).weight, bits) for name in names}
     return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}
 
 
-METHODS: dict[str, Quantizer] = {"fp": quantize_fp, "rtn": quantize_rtn}
-FORMATS: dict[str, str] = {"rtn": "rtn"}
+def quantize_vq(model, names, setting, cfg: CalibrationConfig, device) -> tuple[Packed, dict]:
+    """VQ of every block linear: k-means codebooks, then (unless ``vq-kmeans``) zero-data calibration.
+
+    ``vq-kmeans``: nearest assignments, no calibration. ``vq-codebook``: one candidate (hard
+    assignments), codebooks and biases calibrated. ``vq4dit``: ``n_candidates`` soft candidates.
+    """
+    method, k, d = setting["method"], int(setting["k"]), int(setting["d"])
+    shapes = size.linear_shapes(model, names)
+    n = int(setting.get("n_candidates", 2)) if method == "vq4dit" else 1
+    teacher = copy.deepcopy(model) if method != "vq-kmeans" else None
+    layers = assignments.quantize_model_linears(model, names, k=k, d=d, n_candidates=n,
+                                                kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+    info: dict = {"size": size.vq_size(shapes, k, d)}
+    if teacher is not None:
+        calib = collect_calibration_inputs(teacher, cfg, device)
+        history = calibrate_blockwise(teacher, model, layers, calib, cfg)
+        info["calibration_seconds"] = history.pop("calibration_seconds")
+        info["calibration_history"] = history
+    for layer in layers.values():
+        layer.freeze_(0.0)  # harden: every sub-vector takes its largest-ratio candidate, as packed() stores it
+    return {name: layer.packed() for name, layer in layers.items()}, info
 
 
-def save_packed(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], fmt: str, setting: dict,
-                path: Path) -> None:
-    """Write the packed checkpoint (quantized weights replaced by their packed tensors)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+METHODS: dict[str, Quantizer] = {
+    "fp": quantize_fp, "rtn": quantize_rtn, "vq-kmeans": quantize_vq, "vq-codebook": quantize_vq, "vq4dit": quantize_vq,
+}
+FORMATS: dict[str, str] = {"rtn": "rtn", "vq-kmeans": "vq", "vq-codebook": "vq", "vq4dit": "vq"}
+
+
+def save_packed(fp_state: dict[str, torch.Tensor], packed: Packed, fmt: str, setting: dict, path: Path) -> None:
+    """Write the packed checkpoint: the FP tensors with each quantized weight replaced by its packed tensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in fp_state.items()}
     for name, tensors in packed.items():
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": t.detach().cpu().contiguous() for key, t in tensors.items()})
@@ -88,6 +119,14 @@ def load_quantized_transformer(transformer_dir: str | Path, packed_path: str | P
     return model.to(device).eval()
 
 
+def evaluate_block_mse(transformer: str, packed: Path, cfg: CalibrationConfig, device) -> float:
+    """Mean block-output MSE of the packed model against the FP model on held-out teacher inputs."""
+    fp_model = load_transformer(transformer, device)
+    held_out = CalibrationConfig.from_dict({**vars(cfg), "seed": cfg.seed + 1, "trajectories": 1})
+    calib = collect_calibration_inputs(fp_model, held_out, device)
+    return block_mse(fp_model, load_quantized_transformer(transformer, packed, device), calib)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
     parser.add_argument("--setting", required=True, help="the settings.tsv row as JSON")
@@ -106,11 +145,14 @@ def run(args: argparse.Namespace) -> None:
     model = load_transformer(args.transformer, device)
     names = block_linear_names(model)
     log.info("setting %s (%s) on %d block linears, device %s", setting.get("id"), method, len(names), device)
+    cfg = CalibrationConfig.from_dict(calibration)
+    fp_state = {k: v.clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
-    packed, info = METHODS[method](model, names, setting, calibration, device)
+    packed, info = METHODS[method](model, names, setting, cfg, device)
     info["quantize_seconds"] = time.perf_counter() - start
     output = Path(args.output)
-    save_packed(model, packed, FORMATS.get(method, method), setting, output)
+    save_packed(fp_state, packed, FORMATS.get(method, method), setting, output)
+    info["block_mse"] = evaluate_block_mse(args.transformer, output, cfg, device)
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names))
     atomic_write_json(Path(args.info), info)
     log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])
