@@ -4,9 +4,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from vq4dit.features import DigitsFeatureNet, FeatureModel, extract
+from vq4dit.features import DigitsFeatureNet, FeatureModel, extract, save_random_weights
 
 
 @pytest.fixture
@@ -19,16 +18,9 @@ def digits_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    """A random-weight Inception saved like torch-fidelity's release file (built without its loader)."""
-    folder = tmp_path_factory.mktemp("inception")
-    torch.save({}, folder / "empty.pth")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.manual_seed(0)
-        random_net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(folder / "empty.pth"))
-    path = folder / "weights-inception-random.pth"
-    torch.save(random_net.state_dict(), path)
-    return path
+    """A random-weight Inception saved like torch-fidelity's release file."""
+    torch.manual_seed(0)
+    return save_random_weights("inception-v3-compat", tmp_path_factory.mktemp("inception") / "random.pth")
 
 
 def test_digits_features_have_the_three_sets(digits_weights):

@@ -94,7 +94,7 @@ def test_vq_settings_pack_hard_assignments_that_reload_bit_exactly(tiny_dit, tin
     name = "transformer_blocks.0.attn1.to_q"
     assert raw[f"{name}.assignments"].dtype == torch.uint8 and raw[f"{name}.codebook"].dtype == torch.float16
     codewords = raw[f"{name}.codebook"].float()[raw[f"{name}.assignments"].long()]
-    assert torch.equal(state[f"{name}.weight"], codewords.reshape(128, 128))  # weight = hard decoding
+    assert torch.equal(state[f"{name}.weight"], codewords.reshape(tiny_dit.inner_dim, tiny_dit.inner_dim))  # hard decoding
     assert len(torch.unique(state[f"{name}.weight"].reshape(-1, 4), dim=0)) <= 16
     model = load_quantized_transformer(tiny_dit_dir, packed_path)
     assert torch.equal(model.state_dict()[f"{name}.weight"], state[f"{name}.weight"])

@@ -55,3 +55,12 @@ def test_guidance_changes_samples(tiny_dit):
     plain, _ = generate_shard(tiny_dit, None, 0, 0, 4, 4, steps=3, cfg_scale=1.0, cfg_channels=None)
     guided, _ = generate_shard(tiny_dit, None, 0, 0, 4, 4, steps=3, cfg_scale=4.0, cfg_channels=None)
     assert not np.array_equal(plain, guided)
+
+
+def test_bf16_autocast_stays_close_and_precision_is_checked(tiny_dit):
+    fp32, _ = generate_shard(tiny_dit, None, 0, 0, 2, 2, steps=3, cfg_scale=1.5, cfg_channels=None)
+    bf16, _ = generate_shard(tiny_dit, None, 0, 0, 2, 2, steps=3, cfg_scale=1.5, cfg_channels=None,
+                             precision="bf16")
+    assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 8
+    with pytest.raises(ValueError, match="fp16"):
+        generate_shard(tiny_dit, None, 0, 0, 2, 2, steps=3, cfg_scale=1.5, cfg_channels=None, precision="fp16")

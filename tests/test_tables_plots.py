@@ -19,7 +19,8 @@ def results(tmp_path):
         info = tmp_path / "quantized" / "m" / f"{setting}.json"
         info.parent.mkdir(parents=True, exist_ok=True)
         info.write_text(json.dumps({"setting": {"id": setting, "method": method}, "file_mb": mb,
-                                    "quantize_seconds": 1.0, "size": {"bits_per_weight": bits, "total_mb": mb}}))
+                                    "quantize_seconds": 1.0, "block_mse": 0.0 if method == "fp" else 0.1,
+                                    "size": {"bits_per_weight": bits, "total_mb": mb}}))
         infos.append(str(info))
         for steps in (50, 25):
             path = tmp_path / "metrics" / "m" / setting / f"steps{steps}.json"

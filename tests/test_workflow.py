@@ -99,6 +99,8 @@ def test_smoke_run_end_to_end(workdir):
                            "train": {"steps": 60, "batch_size": 32, "lr": 0.001, "seed": 0}}},
         feature_extractor={"train": {"steps": 60, "batch_size": 64, "lr": 0.002, "seed": 0}},
         sampling={"steps": [4, 8], "n_samples": 120, "shard_size": 60, "batch_size": 60},
+        settings=["fp", "rtn-w2", "vq4dit-w2"],
+        calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
     )
     settings = yaml.safe_load((workdir / config).read_text())["settings"]
     snakemake(workdir, "--cores", "2", "--configfile", config)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.utils import create_feature_extractor
 
 from vq4dit.io import progress, atomic_savez, load_npz, resolve_device
@@ -125,6 +126,28 @@ class FeatureModel(nn.Module):
         if len(out) == 3:
             return out
         return out[0], self._spatial, out[1]
+
+
+def save_random_weights(extractor: str, path: Path) -> Path:
+    """A weights file of the extractor's architecture with random values (tests and benchmarks only).
+
+    torch-fidelity's Inception only builds from a weights file; it is built once with its loader
+    bypassed, and its random state dict saved in the release file's format.
+    """
+    if extractor == "digits-cnn":
+        torch.save(DigitsFeatureNet().state_dict(), path)
+        return path
+    empty = path.with_name(path.name + ".empty")
+    torch.save({}, empty)
+    original = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(empty))
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+        empty.unlink()
+    torch.save(net.state_dict(), path)
+    return path
 
 
 @torch.inference_mode()

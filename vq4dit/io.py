@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,37 @@ import torch
 from tqdm import tqdm
 
 
+#: open lock files of the GPUs this process holds (released when the process exits)
+_GPU_LOCKS: dict[int, object] = {}
+
+
+def claim_gpu(lock_dir: str | None = None) -> int:
+    """Index of a visible GPU no other vq4dit process on this node holds (an flock per GPU).
+
+    Snakemake never sets CUDA_VISIBLE_DEVICES, so local jobs running side by side (``--resources
+    gpu=N``) would all pick GPU 0; each job instead locks the first free GPU for its lifetime.
+    """
+    if _GPU_LOCKS:
+        return next(iter(_GPU_LOCKS))
+    folder = Path(lock_dir or os.environ.get("VQ4DIT_GPU_LOCKS", tempfile.gettempdir()))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")
+    for index in range(torch.cuda.device_count()):
+        handle = open(folder / f"vq4dit-gpu-{visible}-{index}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _GPU_LOCKS[index] = handle
+        return index
+    raise RuntimeError(f"all {torch.cuda.device_count()} GPUs are held by other vq4dit jobs "
+                       f"(lock files in {folder}); run with --resources gpu=<number of GPUs>")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto``: a free GPU when CUDA is present (see :func:`claim_gpu`), else the CPU; else as given."""
+    if name in ("auto", "cuda"):
+        return torch.device("cuda", claim_gpu()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 

@@ -22,7 +22,7 @@ ARCHITECTURES: dict[str, dict] = {
     "DiT-B/2": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12, patch_size=2),
     "DiT-S/2": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, patch_size=2),
     # The smoke preset's proxy: class-conditional, pixel space on 8x8 grayscale digits.
-    "DiT-digits": dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, patch_size=2),
+    "DiT-digits": dict(num_attention_heads=4, attention_head_dim=24, num_layers=4, patch_size=2),
 }
 
 

@@ -130,18 +130,35 @@ def labels_for(seed: int, start: int, count: int, classes: int) -> tuple[torch.T
     return labels, generators
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def set_precision(precision: str) -> torch.autocast:
+    """Matmul precision of the run: fp32, tf32 (DiT's sampling scripts allow TF32) or bf16 autocast.
+
+    Returns the autocast context to run the networks in; the sampler's own arithmetic stays fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def generate_shard(
     model: torch.nn.Module, vae, seed: int, start: int, count: int, batch_size: int,
-    steps: int, cfg_scale: float, cfg_channels: int | None,
+    steps: int, cfg_scale: float, cfg_channels: int | None, precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8 NHWC) and labels of one shard, generated in batches."""
     images, labels = [], []
+    autocast = set_precision(precision)
     for begin in progress(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
         n = min(batch_size, start + count - begin)
         y, gens = labels_for(seed, begin, n, num_classes(model))
-        x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels)
-        with torch.inference_mode():
-            images.append(to_uint8(decode(x, vae)))
+        with autocast:
+            x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels)
+        with torch.inference_mode(), autocast:
+            images.append(to_uint8(decode(x, vae).float()))
         labels.append(y.numpy())
     return np.concatenate(images), np.concatenate(labels)
 
@@ -166,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", type=int, required=True, help="global index of the shard's first image")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True, help=".npz with arr_0 (uint8 NHWC) and labels")
 
@@ -173,10 +192,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
+    if args.compile:
+        model = torch.compile(model)
     vae = load_vae(args.vae, device)
     log.info("sampling images %d..%d, %d steps, cfg %.2f on %s", args.start, args.start + args.count - 1,
              args.steps, args.cfg_scale, device)
     images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
-                                    args.steps, args.cfg_scale, args.cfg_channels)
+                                    args.steps, args.cfg_scale, args.cfg_channels, args.precision)
     atomic_savez(Path(args.output), arr_0=images, labels=labels)
     log.info("wrote %s: %s", args.output, images.shape)

@@ -20,7 +20,7 @@ METRICS_PATH = re.compile(r"metrics/(?P<model>[^/]+)/(?P<setting>[^/]+)/steps(?P
 INFO_PATH = re.compile(r"quantized/(?P<model>[^/]+)/(?P<setting>[^/]+)\.json$")
 COLUMNS = [
     "model", "setting", "method", "bits_per_weight", "size_mb", "steps", "cfg_scale", "n_samples",
-    "fid", "sfid", "is", "precision", "recall", "file_mb", "quantize_seconds",
+    "fid", "sfid", "is", "precision", "recall", "block_mse", "file_mb", "quantize_seconds", "calibration_seconds",
 ]
 #: display names of the metric columns in Markdown and LaTeX (arrows: which way is better)
 DISPLAY = {"fid": "FID↓", "sfid": "sFID↓", "is": "IS↑", "precision": "Prec.↑", "recall": "Rec.↑"}
@@ -52,7 +52,8 @@ def info_row(path: str) -> dict:
         "size_mb": size["total_mb"],
         "file_mb": info["file_mb"],
         "quantize_seconds": info["quantize_seconds"],
-        **{k: v for k, v in info.items() if k in ("calibration_seconds", "block_mse")},
+        "block_mse": info["block_mse"],
+        "calibration_seconds": info.get("calibration_seconds"),
     }
 
 
@@ -78,9 +79,12 @@ def build_table(metric_paths: list[str], info_paths: list[str], cfg_scale: float
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-facing columns, rounded, with metric arrows."""
-    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "steps", *DISPLAY]]
-    return shown.rename(columns={**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB"}).round(
-        {"bits/w": 2, "MB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3}
+    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "steps", *DISPLAY, "block_mse",
+                   "calibration_seconds"]]
+    names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "block_mse": "block MSE",
+             "calibration_seconds": "calib. s"}
+    return shown.rename(columns=names).round(
+        {"bits/w": 2, "MB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3, "calib. s": 1}
     )
 
 
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.csv, index=False)
     shown = display_table(table)
-    Path(args.markdown).write_text(shown.to_markdown(index=False) + "\n")
+    Path(args.markdown).write_text(shown.to_markdown(index=False, missingval="–") + "\n")
     latex = shown.rename(columns=lambda c: c.replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$"))
-    Path(args.latex).write_text(latex.style.hide(axis="index").format(precision=2).to_latex(hrules=True))
+    styler = latex.style.hide(axis="index").format(precision=2, na_rep="--").format("{:.2e}", subset=["block MSE"])
+    Path(args.latex).write_text(styler.to_latex(hrules=True))
     log.info("wrote %d rows to %s", len(table), args.csv)

@@ -57,6 +57,11 @@ wildcard_constraints:
     reference=alternation(REFERENCES),
 
 
+def sample_output(path):
+    """Sample shards are kept unless sampling.keep_samples is false (then deleted once features exist)."""
+    return path if SAMPLING.get("keep_samples", True) else temp(path)
+
+
 def shards():
     """Shard indices: n_samples split into shards of shard_size."""
     return range(math.ceil(SAMPLING["n_samples"] / SAMPLING["shard_size"]))

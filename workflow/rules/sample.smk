@@ -7,7 +7,7 @@ rule sample:
         packed="results/{preset}/quantized/{model}/{setting}.safetensors",
         vae=vae_config,
     output:
-        "results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz",
+        sample_output("results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz"),
     params:
         vae=vae_folder,
         range=shard_range,
@@ -15,6 +15,8 @@ rule sample:
         cfg_channels=f"--cfg-channels {SAMPLING['cfg_channels']}" if SAMPLING.get("cfg_channels") else "",
         seed=SAMPLING["seed"],
         batch_size=SAMPLING["batch_size"],
+        precision=SAMPLING["precision"],
+        compile="--compile" if SAMPLING.get("compile") else "",
         device=config["device"],
     log:
         "logs/{preset}/sample/{model}/{setting}/steps{steps}/shard{shard}.log",
@@ -29,4 +31,5 @@ rule sample:
         "python -m vq4dit sample --transformer {input.transformer} --quantized {input.packed}"
         " --vae '{params.vae}' --steps {wildcards.steps} --cfg-scale {params.cfg_scale} {params.cfg_channels}"
         " --seed {params.seed} --start {params.range[0]} --count {params.range[1]}"
-        " --batch-size {params.batch_size} --device {params.device} --output {output} > {log} 2>&1"
+        " --batch-size {params.batch_size} --precision {params.precision} {params.compile}"
+        " --device {params.device} --output {output} > {log} 2>&1"
