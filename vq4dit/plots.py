@@ -35,7 +35,7 @@ def tradeoff(table: pd.DataFrame):
         kind="line", markers=True, dashes=False, markersize=9, height=3.5, aspect=1.2,
     )
     grid.set_axis_labels("bits per weight (DiT blocks)", "FID ↓").set_titles("{col_name}")
-    grid.set(xscale="log", xticks=sorted(data["bits_per_weight"].unique()))
+    grid.set(xscale="log", yscale="log", xticks=sorted(data["bits_per_weight"].unique()))
     for ax in grid.axes.flat:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -51,11 +51,16 @@ def tile(images: np.ndarray, columns: int) -> np.ndarray:
     return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
 
 
-def sample_grid(shards: list[str], names: list[str], title: str, count: int = 32, columns: int = 8):
-    """The first ``count`` samples of every setting, one panel per setting."""
+def sample_grid(shards: list[str], names: list[str], title: str, count: int = 32, columns: int = 8,
+                panels_per_row: int = 5):
+    """The first ``count`` samples of every setting, one panel per setting, ``panels_per_row`` panels a row."""
     rows = -(-count // columns)
-    fig, axes = plt.subplots(1, len(shards), figsize=(2.6 * len(shards), 0.8 + 2.6 * rows / columns), squeeze=False)
-    for ax, path, name in zip(axes[0], shards, names):
+    ncols = min(len(shards), panels_per_row)
+    nrows = -(-len(shards) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, nrows * (0.5 + 2.6 * rows / columns)), squeeze=False)
+    for ax in axes.flat[len(shards):]:
+        ax.axis("off")
+    for ax, path, name in zip(axes.flat, shards, names):
         mosaic = tile(load_npz(path, ("arr_0",))["arr_0"][:count], columns)
         ax.imshow(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
