@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--ratio-reg-start", type=int, default=10, help="L_r patience (steps)")
     parser.add_argument("--blockwise-iterations", type=int, nargs="*", default=[100, 200],
                         help="smaller block-wise budgets (steps per block) to find the time to quality")
+    parser.add_argument("--blockwise-batch-size", type=int, default=None,
+                        help="batch of those smaller budgets (default: the sequential loop's)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -102,9 +104,10 @@ def main() -> None:
         "vq4dit sequential (n=2)": (2, "sequential", cfg),
         f"vq4dit block-wise (n=2, {cfg.iterations} steps/block)": (2, "blockwise", cfg),
     }
+    batch = args.blockwise_batch_size or cfg.batch_size
     for iterations in args.blockwise_iterations:
-        runs[f"vq4dit block-wise (n=2, {iterations} steps/block)"] = (
-            2, "blockwise", CalibrationConfig.from_dict({**vars(cfg), "iterations": iterations}))
+        runs[f"vq4dit block-wise (n=2, {iterations} steps/block, batch {batch})"] = (
+            2, "blockwise", CalibrationConfig.from_dict({**vars(cfg), "iterations": iterations, "batch_size": batch}))
     for name, (n, mode, run_cfg) in runs.items():
         q_model, layers, kmeans_seconds = quantize(fp_model, n, cfg)
         history = {"calibration_seconds": 0.0}

@@ -148,8 +148,18 @@ def quantize_infos():
     return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=MODELS, setting=SETTINGS)
 
 
-def final_outputs():
+def kept_shards():
+    """Every sample shard when shards are kept: a deleted shard is then regenerated, and so is what it feeds."""
+    if not SAMPLING.get("keep_samples", True):
+        return []
     return expand(
+        "results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz",
+        preset=PRESET, model=MODELS, setting=SETTINGS, steps=SAMPLING["steps"], shard=shards(),
+    )
+
+
+def final_outputs():
+    return kept_shards() + expand(
         "results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=["csv", "md", "tex"]
     ) + expand("results/{preset}/plots/tradeoff.{ext}", preset=PRESET, ext=["png", "pdf"]) + expand(
         "results/{preset}/plots/samples/{model}-steps{steps}.png", preset=PRESET, model=MODELS, steps=SAMPLING["steps"]
