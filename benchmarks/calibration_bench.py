@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--ratio-reg-start", type=int, default=10, help="L_r patience (steps)")
     parser.add_argument("--blockwise-iterations", type=int, nargs="*", default=[100, 200],
                         help="smaller block-wise budgets (steps per block) to find the time to quality")
+    parser.add_argument("--joint-blocks", type=int, default=1,
+                        help="blocks per block-wise optimiser step (0: all; 1: as the smoke preset)")
     parser.add_argument("--blockwise-batch-size", type=int, default=None,
                         help="batch of those smaller budgets (default: the sequential loop's)")
     args = parser.parse_args()
@@ -88,7 +90,7 @@ def main() -> None:
     fp_model = load_transformer(args.transformer, DEVICE)
     cfg = CalibrationConfig(trajectories=args.trajectories, steps=args.steps, iterations=args.outer * args.steps,
                             batch_size=2 * CalibrationConfig.labels_per_trajectory,
-                            ratio_reg_start=args.ratio_reg_start)
+                            ratio_reg_start=args.ratio_reg_start, joint_blocks=args.joint_blocks)
     start = time.perf_counter()
     calib = collect_calibration_inputs(fp_model, cfg, DEVICE)
     collect_seconds = time.perf_counter() - start

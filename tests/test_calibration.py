@@ -46,10 +46,12 @@ def test_calibration_inputs_shapes_null_labels_and_steps(tiny_dit, calib) -> Non
     assert torch.equal(again.latents, calib.latents) and torch.equal(again.labels, calib.labels)
 
 
-def test_blockwise_reduces_block_mse_and_freezing_is_monotone(tiny_dit, calib) -> None:
+@pytest.mark.parametrize("joint_blocks", [1, 3, 0])
+def test_blockwise_reduces_block_mse_and_freezing_is_monotone(tiny_dit, calib, joint_blocks) -> None:
     q_model, layers = _quantized(tiny_dit)
     before = block_mse(tiny_dit, q_model, calib)
-    history = calibrate_blockwise(tiny_dit, q_model, layers, calib, CalibrationConfig(**CFG, lr_logits=0.5))
+    cfg = CalibrationConfig(**CFG, lr_logits=0.5, joint_blocks=joint_blocks)
+    history = calibrate_blockwise(tiny_dit, q_model, layers, calib, cfg)
     after = block_mse(tiny_dit, q_model, calib)
     assert after < before
     assert len(history["blocks"]) == 4 and history["calibration_seconds"] > 0
@@ -57,6 +59,18 @@ def test_blockwise_reduces_block_mse_and_freezing_is_monotone(tiny_dit, calib) -
         frozen = [entry[3] for entry in block]
         assert frozen == sorted(frozen) and frozen[-1] > 0
         assert block[-1][0] == CFG["iterations"] - 1
+    assert len(history["block_seconds"]) == 4
+
+
+def test_joint_blocks_match_one_at_a_time(tiny_dit, calib) -> None:
+    """One backward of the summed losses trains each block exactly as training it alone."""
+    weights = []
+    for joint in (1, 0):
+        q_model, layers = _quantized(tiny_dit)
+        cfg = CalibrationConfig(**{**CFG, "iterations": 5, "joint_blocks": joint})
+        calibrate_blockwise(tiny_dit, q_model, layers, calib, cfg)
+        weights.append(torch.cat([layer.weight().detach().flatten() for layer in layers.values()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
 
 
 def test_blockwise_is_deterministic(tiny_dit, calib) -> None:

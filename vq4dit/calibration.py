@@ -10,8 +10,12 @@ step each layer freezes the sub-vectors whose max ratio exceeds ``freeze_thresho
 Two drivers:
 
 - :func:`calibrate_blockwise` (this project's fast design): the teacher's block inputs of the
-  whole calibration set are cached once, block after block; every student block is then trained
-  on its own against its FP block output, on seeded random minibatches of the cache.
+  whole calibration set are cached once; every student block is trained against its FP block
+  output with the FP block input (blocks are independent), on seeded random minibatches of the
+  cache. ``joint_blocks`` consecutive blocks share each optimiser step (one backward of the sum of
+  their losses: since block b's parameters only reach block b's loss, this equals training them
+  one by one on the same minibatches); 0 = all blocks at once, which needs the cache of every
+  block in memory, 1 = one block at a time (one block's cache: what fits DiT-XL/2 on one GPU).
 - :func:`calibrate_sequential` (the authors' loop, for comparison): every outer iteration runs one
   guided teacher trajectory; at every sampling step the student sees the same model input, ``L_d``
   is the mean over blocks of the block-output MSE (student blocks fed the student's own
@@ -88,6 +92,8 @@ class CalibrationConfig:
     layer_threshold: float = 0.99
     kmeans_iters: int = 100
     seed: int = 0
+    joint_blocks: int = 1
+    """Blocks calibrated together in one optimiser step (0: all); memory grows with it."""
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationConfig:
@@ -265,27 +271,50 @@ def _to(calib: CalibrationSet, device: torch.device) -> CalibrationSet:
     return CalibrationSet(calib.latents.to(device), calib.timesteps.to(device), calib.labels.to(device))
 
 
-def _calibrate_block(
-    b: int, block: nn.Module, layers: list[VQLinear], inputs: Tensor, targets: Tensor, calib: CalibrationSet,
-    cfg: CalibrationConfig, bar,
-) -> tuple[list[tuple[int, float, float, float]], int | None]:
-    """Train one student block on its cached FP inputs/outputs; returns its history and the L_r start step."""
-    optimizer = make_optimizer(layers, cfg)
-    switch = RatioRegSwitch(cfg.ratio_reg_start)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
-    every, history, l_r_start = _record_every(cfg.iterations), [], None
+def _block_groups(n_blocks: int, joint_blocks: int) -> list[range]:
+    size = joint_blocks if joint_blocks > 0 else n_blocks
+    return [range(g, min(g + size, n_blocks)) for g in range(0, n_blocks, size)]
+
+
+def _calibrate_group(
+    group: range, q_blocks: nn.ModuleList, layers: list[list[VQLinear]], cache: list[Tensor],
+    calib: CalibrationSet, cfg: CalibrationConfig, bar,
+) -> tuple[list[list[tuple[int, float, float, float]]], list[int | None]]:
+    """Train the student blocks of ``group`` on cached FP inputs ``cache[i]`` and outputs ``cache[i + 1]``.
+
+    Returns, per block, its history and the step L_r was switched on.
+    """
+    group_layers = [layer for b in group for layer in layers[b]]
+    optimizer = make_optimizer(group_layers, cfg)
+    switches = {b: RatioRegSwitch(cfg.ratio_reg_start) for b in group}
+    generator = torch.Generator().manual_seed(cfg.seed)  # every group draws the same minibatch sequence
+    every = _record_every(cfg.iterations)
+    history: dict[int, list] = {b: [] for b in group}
+    l_r_start: dict[int, int | None] = dict.fromkeys(group)
+    offset = group.start
     for it in range(cfg.iterations):
-        index = torch.randint(len(calib), (cfg.batch_size,), generator=generator).to(inputs.device)
-        output = _run_block(block, inputs[index], calib.timesteps[index], calib.labels[index])
-        l_d = F.mse_loss(output, targets[index])
-        l_r = _optimizer_step(optimizer, layers, l_d, switch, cfg)
-        if switch.on and l_r_start is None:
-            l_r_start = it
-        if it % every == 0 or it == cfg.iterations - 1:
-            history.append((it, float(l_d.detach()), l_r, frozen_fraction(layers)))
-            bar.set_postfix(block=b, L_d=f"{history[-1][1]:.3g}", L_r=f"{l_r:.3g}", frozen=f"{history[-1][3]:.3f}")
-        bar.update(1)
-    return history, l_r_start
+        index = torch.randint(len(calib), (cfg.batch_size,), generator=generator).to(cache[0].device)
+        t, y = calib.timesteps[index], calib.labels[index]
+        loss, l_ds, l_rs = 0.0, {}, {}
+        for b in group:
+            output = _run_block(q_blocks[b], cache[b - offset][index], t, y)
+            l_ds[b] = F.mse_loss(output, cache[b - offset + 1][index])
+            l_rs[b] = ratio_loss(layers[b]) if switches[b].update(float(l_ds[b].detach())) else None
+            loss = loss + cfg.lambda_d * l_ds[b] + (cfg.lambda_r * l_rs[b] if l_rs[b] is not None else 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _freeze(group_layers, cfg)
+        for b in group:
+            if switches[b].on and l_r_start[b] is None:
+                l_r_start[b] = it
+            if it % every == 0 or it == cfg.iterations - 1:
+                l_r = float(l_rs[b].detach()) if l_rs[b] is not None else 0.0
+                history[b].append((it, float(l_ds[b].detach()), l_r, frozen_fraction(layers[b])))
+                bar.set_postfix(block=b, L_d=f"{history[b][-1][1]:.3g}", L_r=f"{l_r:.3g}",
+                                frozen=f"{history[b][-1][3]:.3f}")
+        bar.update(len(group))
+    return [history[b] for b in group], [l_r_start[b] for b in group]
 
 
 def calibrate_blockwise(
@@ -296,26 +325,32 @@ def calibrate_blockwise(
 
     Returns ``{"blocks": per block [(iteration, L_d, L_r, frozen fraction), ...],
     "ratio_reg_on": per block the step L_r was switched on (None: never),
-    "block_seconds": per block training time, "calibration_seconds": total incl. the caches}``.
+    "block_seconds": per block training time (a group's time split evenly over its blocks),
+    "calibration_seconds": total incl. the caches}``.
     """
     start = time.perf_counter()
     device = _device(q_model)
     calib = _to(calib, device)
     _prepare_student(q_model, layers, cfg)
-    blocks = _layers_by_block(layers, len(q_model.transformer_blocks))
+    n_blocks = len(q_model.transformer_blocks)
+    blocks = _layers_by_block(layers, n_blocks)
     hidden = _embed(fp_model, calib)
     result: dict = {"blocks": [], "ratio_reg_on": [], "block_seconds": []}
-    with progress(total=cfg.iterations * len(blocks), desc="block-wise calibration", unit="step") as bar:
-        for b, (fp_block, q_block) in enumerate(zip(fp_model.transformer_blocks, q_model.transformer_blocks)):
-            block_start = time.perf_counter()
-            targets = _block_forward(fp_block, hidden, calib)
-            history, l_r_start = _calibrate_block(b, q_block, blocks[b], hidden, targets, calib, cfg, bar)
-            result["blocks"].append(history)
-            result["ratio_reg_on"].append(l_r_start)
-            result["block_seconds"].append(time.perf_counter() - block_start)
-            log.info("block %d: L_d %.4g -> %.4g, L_r on at step %s, frozen %.4f, %.1f s", b, history[0][1],
-                     history[-1][1], l_r_start, history[-1][3], result["block_seconds"][-1])
-            hidden = targets
+    with progress(total=cfg.iterations * n_blocks, desc="block-wise calibration", unit="step") as bar:
+        for group in _block_groups(n_blocks, cfg.joint_blocks):
+            group_start = time.perf_counter()
+            cache = [hidden]
+            for b in group:
+                cache.append(_block_forward(fp_model.transformer_blocks[b], cache[-1], calib))
+            histories, l_r_starts = _calibrate_group(group, q_model.transformer_blocks, blocks, cache, calib, cfg, bar)
+            seconds = (time.perf_counter() - group_start) / len(group)
+            for b, history, l_r_start in zip(group, histories, l_r_starts):
+                result["blocks"].append(history)
+                result["ratio_reg_on"].append(l_r_start)
+                result["block_seconds"].append(seconds)
+                log.info("block %d: L_d %.4g -> %.4g, L_r on at step %s, frozen %.4f", b, history[0][1],
+                         history[-1][1], l_r_start, history[-1][3])
+            hidden = cache[-1]
     result["calibration_seconds"] = time.perf_counter() - start
     return result
 
