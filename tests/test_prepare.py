@@ -1,10 +1,11 @@
 import hashlib
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from vq4dit.models import build_transformer
+from vq4dit.models import load_transformer, save_converted, use_original_timestep_embedding
 from vq4dit.prepare import HybridLoss, convert_dit, digits_uint8, download, sha256sum
 
 
@@ -36,9 +37,26 @@ def test_original_checkpoint_converts_to_the_same_model(tiny_dit, tmp_path):
     path = tmp_path / "DiT-tiny.pt"
     torch.save(original_layout(tiny_dit), path)
     converted = convert_dit(path, "DiT-digits", image_size=64, sha256=sha256sum(path))
+    use_original_timestep_embedding(tiny_dit)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 10])
     with torch.no_grad():
         torch.testing.assert_close(converted(x, t, y).sample, tiny_dit(x, t, y).sample, rtol=0, atol=0)
+    save_converted(converted, tmp_path / "transformer", str(path))
+    reloaded = load_transformer(tmp_path / "transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, y).sample, tiny_dit(x, t, y).sample, rtol=0, atol=0)
+
+
+def test_converted_checkpoints_embed_timesteps_like_dit(tiny_dit):
+    """facebookresearch/DiT: cat(cos, sin) of t * exp(-ln(10^4) * i / half), i < half."""
+    t = torch.tensor([0.0, 17.0, 999.0])
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    time_proj = tiny_dit.transformer_blocks[0].norm1.emb.time_proj
+    assert not torch.allclose(time_proj(t), expected, atol=1e-4)  # diffusers' default: / (half - 1)
+    use_original_timestep_embedding(tiny_dit)
+    torch.testing.assert_close(time_proj(t), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_converting_a_wrong_checkpoint_names_the_file(tiny_dit, tmp_path):

@@ -7,6 +7,7 @@ Both presets store a transformer in diffusers' on-disk layout (``config.json`` +
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -42,13 +43,37 @@ def build_transformer(
     )
 
 
+#: written next to a converted DiT checkpoint: settings diffusers' config.json cannot hold
+ORIGINAL_DIT_MARKER = "original_dit.json"
+
+
+def use_original_timestep_embedding(model: DiTTransformer2DModel) -> None:
+    """Embed timesteps as facebookresearch/DiT does: frequencies exp(-ln(10^4) i / half).
+
+    diffusers' DiT uses ``downscale_freq_shift=1`` (``/ (half - 1)``); official checkpoints were
+    trained with ``/ half``, so converted checkpoints get shift 0 on every block's embedder.
+    """
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+
+
 def load_transformer(directory: str | Path, device: str | torch.device = "cpu") -> DiTTransformer2DModel:
     """Load a transformer saved in diffusers' layout (its folder or its config.json), in eval mode."""
     directory = Path(directory)
     directory = directory.parent if directory.name == "config.json" else directory
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json; expected a diffusers DiTTransformer2DModel folder")
-    return DiTTransformer2DModel.from_pretrained(directory).to(device).eval()
+    model = DiTTransformer2DModel.from_pretrained(directory)
+    if (directory / ORIGINAL_DIT_MARKER).is_file():
+        use_original_timestep_embedding(model)
+    return model.to(device).eval()
+
+
+def save_converted(model: DiTTransformer2DModel, directory: str | Path, source: str) -> None:
+    """Save a converted official DiT checkpoint with the marker that restores its timestep embedding."""
+    model.save_pretrained(directory)
+    marker = {"source": source, "timestep_downscale_freq_shift": 0}
+    (Path(directory) / ORIGINAL_DIT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def num_classes(model: DiTTransformer2DModel) -> int:

@@ -27,7 +27,10 @@ from sklearn.datasets import load_digits
 
 from vq4dit.features import DigitsFeatureNet
 from vq4dit.io import progress, atomic_savez
-from vq4dit.models import build_transformer, block_linear_names, tie_embedders, untie_embedders
+from vq4dit.models import (
+    block_linear_names, build_transformer, save_converted, tie_embedders, untie_embedders,
+    use_original_timestep_embedding,
+)
 from vq4dit.sample import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -228,6 +231,7 @@ def convert_dit(checkpoint: Path, arch: str, image_size: int, sha256: str | None
     if missing:
         raise ValueError(f"{checkpoint}: not a {arch} checkpoint; missing {sorted(missing)[:5]}")
     model.load_state_dict(state, strict=True)
+    use_original_timestep_embedding(model)
     log.info("converted %s: %d block linears", checkpoint, len(block_linear_names(model)))
     return model.eval()
 
@@ -268,7 +272,8 @@ def run(args: argparse.Namespace) -> None:
         images, labels = digits_uint8()
         atomic_savez(output, arr_0=images, labels=labels)
     elif args.what == "convert-dit":
-        convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None).save_pretrained(output)
+        model = convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None)
+        save_converted(model, output, args.checkpoint)
     else:
         download(args.url, output, args.sha256 or None)
     log.info("prepared %s in %.1f s", output, time.perf_counter() - start)
