@@ -228,19 +228,22 @@ def _freeze(layers: list[VQLinear], cfg: CalibrationConfig) -> None:
 
 
 def _optimizer_step(
-    optimizer: torch.optim.Optimizer, layers: list[VQLinear], l_d: Tensor, switch: RatioRegSwitch,
+    optimizer: torch.optim.Optimizer, terms: list[tuple[list[VQLinear], Tensor, RatioRegSwitch]],
     cfg: CalibrationConfig,
-) -> float:
-    """One step on ``lambda_d L_d (+ lambda_r L_r once switched on)``, then freeze; returns L_r (0 if off)."""
-    loss = cfg.lambda_d * l_d
-    l_r = ratio_loss(layers) if switch.update(float(l_d.detach())) else None
-    if l_r is not None:
-        loss = loss + cfg.lambda_r * l_r
+) -> list[Tensor | None]:
+    """One step on the sum over ``terms`` (layers, L_d, switch) of ``lambda_d L_d (+ lambda_r L_r once
+    that term's switch is on)``, then freeze every term's layers; returns each term's L_r (None if off)."""
+    loss, l_rs = 0.0, []
+    for layers, l_d, switch in terms:
+        l_r = ratio_loss(layers) if switch.update(float(l_d.detach())) else None
+        loss = loss + cfg.lambda_d * l_d + (cfg.lambda_r * l_r if l_r is not None else 0.0)
+        l_rs.append(l_r)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    _freeze(layers, cfg)
-    return float(l_r.detach()) if l_r is not None else 0.0
+    for layers, _, _ in terms:
+        _freeze(layers, cfg)
+    return l_rs
 
 
 def _record_every(total_steps: int) -> int:
@@ -295,16 +298,9 @@ def _calibrate_group(
     for it in range(cfg.iterations):
         index = torch.randint(len(calib), (cfg.batch_size,), generator=generator).to(cache[0].device)
         t, y = calib.timesteps[index], calib.labels[index]
-        loss, l_ds, l_rs = 0.0, {}, {}
-        for b in group:
-            output = _run_block(q_blocks[b], cache[b - offset][index], t, y)
-            l_ds[b] = F.mse_loss(output, cache[b - offset + 1][index])
-            l_rs[b] = ratio_loss(layers[b]) if switches[b].update(float(l_ds[b].detach())) else None
-            loss = loss + cfg.lambda_d * l_ds[b] + (cfg.lambda_r * l_rs[b] if l_rs[b] is not None else 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _freeze(group_layers, cfg)
+        l_ds = {b: F.mse_loss(_run_block(q_blocks[b], cache[b - offset][index], t, y), cache[b - offset + 1][index])
+                for b in group}
+        l_rs = dict(zip(group, _optimizer_step(optimizer, [(layers[b], l_ds[b], switches[b]) for b in group], cfg)))
         for b in group:
             if switches[b].on and l_r_start[b] is None:
                 l_r_start[b] = it
@@ -400,7 +396,7 @@ class _SequentialStep:
             self.q_model(x, timestep=t, class_labels=y)
             per_block = [F.mse_loss(s, f) for s, f in zip(student.outputs, teacher.outputs)]
             l_d = torch.stack(per_block).mean()
-            _optimizer_step(self.optimizer, self.layers, l_d, self.switch, self.cfg)
+            _optimizer_step(self.optimizer, [(self.layers, l_d, self.switch)], self.cfg)
         if self.switch.on and self.l_r_start is None:
             self.l_r_start = self.step
         if record:

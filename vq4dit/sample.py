@@ -133,7 +133,7 @@ def labels_for(seed: int, start: int, count: int, classes: int) -> tuple[torch.T
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def set_precision(precision: str) -> torch.autocast:
+def set_precision(precision: str, device_type: str) -> torch.autocast:
     """Matmul precision of the run: fp32, tf32 (DiT's sampling scripts allow TF32) or bf16 autocast.
 
     Returns the autocast context to run the networks in; the sampler's own arithmetic stays fp32.
@@ -141,7 +141,6 @@ def set_precision(precision: str) -> torch.autocast:
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -151,7 +150,7 @@ def generate_shard(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images (uint8 NHWC) and labels of one shard, generated in batches."""
     images, labels = [], []
-    autocast = set_precision(precision)
+    autocast = set_precision(precision, next(model.parameters()).device.type)
     for begin in progress(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
         n = min(batch_size, start + count - begin)
         y, gens = labels_for(seed, begin, n, num_classes(model))
