@@ -26,7 +26,33 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/plots.smk"
 
 
+# Named targets (README, "Claims -> targets -> outputs").
 rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+rule smoke:
+    input:
+        smoke_outputs,
+
+
+rule table_256:
+    input:
+        paper_tables(256),
+
+
+rule table_512:
+    input:
+        paper_tables(512),
+
+
+rule ablation_candidates:
+    input:
+        ablation_outputs,
+
+
+rule figure_tradeoff:
+    input:
+        tradeoff_figures,

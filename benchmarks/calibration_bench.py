@@ -84,6 +84,8 @@ def main() -> None:
                         help="blocks per block-wise optimiser step (0: all; 1: as the smoke preset)")
     parser.add_argument("--blockwise-batch-size", type=int, default=None,
                         help="batch of those smaller budgets (default: the sequential loop's)")
+    parser.add_argument("--blockwise-deadline", type=float, default=1.0,
+                        help="ratio_reg_deadline of those smaller budgets (1.0: the patience rule alone)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -108,8 +110,9 @@ def main() -> None:
     }
     batch = args.blockwise_batch_size or cfg.batch_size
     for iterations in args.blockwise_iterations:
-        runs[f"vq4dit block-wise (n=2, {iterations} steps/block, batch {batch})"] = (
-            2, "blockwise", CalibrationConfig.from_dict({**vars(cfg), "iterations": iterations, "batch_size": batch}))
+        runs[f"vq4dit block-wise (n=2, {iterations} steps/block, batch {batch}, L_r by {args.blockwise_deadline:g})"] = (
+            2, "blockwise", CalibrationConfig.from_dict({**vars(cfg), "iterations": iterations, "batch_size": batch,
+                                                         "ratio_reg_deadline": args.blockwise_deadline}))
     for name, (n, mode, run_cfg) in runs.items():
         q_model, layers, kmeans_seconds = quantize(fp_model, n, cfg)
         history = {"calibration_seconds": 0.0}

@@ -117,6 +117,11 @@ def test_ratio_regularizer_switches_on_after_plateau() -> None:
     assert RatioRegSwitch(patience=0).update(1.0)
 
 
+def test_ratio_regularizer_deadline_switches_on_while_l_d_still_improves() -> None:
+    switch = RatioRegSwitch(patience=100, deadline=3)
+    assert [switch.update(loss) for loss in [5.0, 4.0, 3.0, 2.0, 1.0]] == [False, False, False, True, True]
+
+
 def test_config_from_dict() -> None:
     cfg = CalibrationConfig.from_dict({"iterations": 7, "lambda_r": 0.5})
     assert cfg.iterations == 7 and cfg.lambda_r == 0.5 and cfg.cfg_scale == 4.0

@@ -6,10 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vq4dit.plots import tile
-from vq4dit.tables import build_table
+from vq4dit.plots import spread_ticks, tile
+from vq4dit.tables import benchmark_table, build_table, comparison_table, read_paper, unmatched_paper_rows
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 SETTINGS = {"fp": ("fp", 32.0, 4.5), "rtn-w2": ("rtn", 2.0, 0.3)}
+PAPER = """method,setting,resolution,steps,bits,size_mb,fid,sfid,is,precision,verified,source
+FP,fp,256,50,32,4.0,55.0,,,,yes,Table 1 row FP
+RTN,rtn-w2,256,,2,,99.0,,,,no,somewhere without steps
+GPTQ,,256,50,2,,70.0,,,,yes,Table 1 row GPTQ
+"""
 
 
 @pytest.fixture
@@ -40,6 +46,49 @@ def test_table_has_one_row_per_setting_and_steps(results):
         ("fp", 25), ("rtn-w2", 25), ("fp", 50), ("rtn-w2", 50)]
     row = table[(table.setting == "rtn-w2") & (table.steps == 50)].iloc[0]
     assert row["fid"] == 90.0 and row["bits_per_weight"] == 2.0 and row["cfg_scale"] == 1.5
+    assert row["delta_fid_fp"] == 30.0 and pd.isna(row["n_candidates"])  # scalar method: no candidates
+
+
+def test_comparison_table_places_paper_numbers_by_setting_resolution_and_steps(results, tmp_path):
+    _, metrics, infos = results
+    (tmp_path / "paper.csv").write_text(PAPER)
+    paper = read_paper(str(tmp_path / "paper.csv"))
+    table = comparison_table(build_table(metrics, infos, 1.5), paper, resolution=256)
+    fp = table.loc[("fp", "fp", 32.0)]
+    assert fp[("50 steps", "FID↓", "ours")] == 60.0 and fp[("50 steps", "FID↓", "paper")] == 55.0
+    assert fp[("50 steps", "FID↓", "Δ")] == 5.0 and np.isnan(fp[("25 steps", "FID↓", "paper")])
+    assert fp[("size", "MB", "paper")] == 4.0 and fp[("size", "MB", "Δ")] == 0.5
+    assert table.loc[("rtn-w2", "rtn", 2.0)][("50 steps", "ΔFID(FP)", "ours")] == 30.0
+    assert np.isnan(comparison_table(build_table(metrics, infos, 1.5), paper, resolution=512)
+                    .loc[("fp", "fp", 32.0)][("50 steps", "FID↓", "paper")])
+    notes = unmatched_paper_rows(paper, 256, ["fp", "rtn-w2"])
+    assert sorted(notes["method"]) == ["GPTQ", "RTN"]
+
+
+def test_paper_results_file_is_complete_and_sourced():
+    paper = read_paper(str(REPO / "config/paper_results.csv"))
+    settings = pd.read_csv(REPO / "config/settings.tsv", sep="\t")["id"]
+    assert paper["setting"].dropna().isin(settings).all()
+    assert paper["verified"].isin(["yes", "no"]).all() and paper["source"].str.len().gt(10).all()
+
+
+def test_paper_results_without_a_source_is_named(tmp_path):
+    bad = tmp_path / "paper.csv"
+    bad.write_text(PAPER + "X,fp,256,50,32,,1.0,,,,no,\n")
+    with pytest.raises(ValueError, match=r"paper.csv: row\(s\) \[5\] have no source"):
+        read_paper(str(bad))
+
+
+def test_benchmark_table_reads_every_record(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, seconds in (("quantize/m/fp", 2.0), ("tables/metrics", 9.0)):
+        path = tmp_path / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{seconds}\t0:00:0{int(seconds)}\t100\t1\t90\t1\t0\t0\t50\t1.5\n")
+    table = benchmark_table(str(tmp_path))
+    assert table["job"].tolist() == ["tables/metrics", "quantize/m/fp"] and table["max_rss"].tolist() == [100, 100]
+    with pytest.raises(ValueError, match="no Snakemake benchmark records"):
+        benchmark_table(str(tmp_path / "quantize" / "m" / "none"))
 
 
 def test_table_rejects_a_path_without_wildcards(results, tmp_path):
@@ -53,12 +102,22 @@ def test_table_rejects_a_path_without_wildcards(results, tmp_path):
 def test_tables_and_plots_commands_write_their_files(results):
     root, metrics, infos = results
     out = root / "out"
-    subprocess.run([sys.executable, "-m", "vq4dit", "tables", "--metrics", *metrics, "--infos", *infos,
-                    "--cfg-scale", "1.5", "--csv", str(out / "t.csv"), "--markdown", str(out / "t.md"),
-                    "--latex", str(out / "t.tex")], check=True)
+    def formats(stem):
+        return [arg for fmt in ("csv", "md", "tex", "html") for arg in (f"--{fmt}", str(out / f"{stem}.{fmt}"))]
+
+    common = ["--metrics", *metrics, "--infos", *infos, "--cfg-scale", "1.5"]
+    subprocess.run([sys.executable, "-m", "vq4dit", "tables", "metrics", *common, *formats("t")], check=True)
     assert pd.read_csv(out / "t.csv").shape[0] == 4
     assert "FID" in (out / "t.md").read_text() and r"\toprule" in (out / "t.tex").read_text()
-    subprocess.run([sys.executable, "-m", "vq4dit", "plots", "tradeoff", "--table", str(out / "t.csv"),
+    (root / "paper.csv").write_text(PAPER)
+    subprocess.run([sys.executable, "-m", "vq4dit", "tables", "paper", *common, "--paper", str(root / "paper.csv"),
+                    "--resolution", "256", "--runs", str(out / "runs.csv"), *formats("paper")], check=True)
+    long = pd.read_csv(out / "paper.csv")
+    cell = long[(long.setting == "fp") & (long.group == "50 steps") & (long.quantity == "FID↓")]
+    assert dict(zip(cell.source, cell.value)) == {"ours": 60.0, "paper": 55.0, "Δ": 5.0}
+    assert "GPTQ" in (out / "paper.md").read_text() and r"\multicolumn" in (out / "paper.tex").read_text()
+    subprocess.run([sys.executable, "-m", "vq4dit", "plots", "tradeoff", "--table", str(out / "runs.csv"),
+                    "--model", "m", "--paper", str(root / "paper.csv"), "--resolution", "256",
                     "--png", str(out / "p.png"), "--pdf", str(out / "p.pdf")], check=True)
     shard = out / "s.npz"
     np.savez(shard, arr_0=np.zeros((40, 8, 8, 1), np.uint8))
@@ -75,3 +134,10 @@ def test_tile_layout():
     np.testing.assert_array_equal(mosaic[:2, 2:4], images[1])
     np.testing.assert_array_equal(mosaic[2:, :2], images[3])
     assert not mosaic[2:, 4:].any()  # padding
+    gapped = tile(images, columns=3, gap=1, fill=7)
+    assert gapped.shape == (5, 8, 1) and (gapped[2] == 7).all() and (gapped[:, 2] == 7).all()
+    np.testing.assert_array_equal(gapped[3:, 3:5], images[4])
+
+
+def test_spread_ticks_drop_crowded_values():
+    assert spread_ticks(pd.Series([2.0, 2.06, 3.0, 32.0, 32.0])) == [2.0, 3.0, 32.0]

@@ -59,10 +59,28 @@ def test_paper_preset_dry_run_lists_every_job(workdir):
     models, settings = len(config["models"]), len(config["settings"])
     steps = len(config["sampling"]["steps"])
     shards = math.ceil(config["sampling"]["n_samples"] / config["sampling"]["shard_size"])
-    assert counts["quantize"] == models * settings
-    assert counts["sample"] == models * settings * steps * shards
-    assert counts["metrics"] == counts["features"] == models * settings * steps
+    assert counts["sample"] == counts["features"] * shards
     assert counts["convert_checkpoint"] == models and counts["tables"] == 1
+    ablation = config["ablation_candidates"]
+    extra = [s for s in ablation["settings"] if s not in config["settings"]]
+    assert counts["quantize"] == models * settings + len(extra)
+    assert counts["metrics"] == models * settings * steps + len(extra) * len(ablation["steps"])
+    assert counts["paper_table"] == counts["tradeoff_plot"] == models and counts["ablation_table"] == 1
+
+
+@pytest.mark.parametrize("target, expected", [("table_512", r"no model of preset 'smoke' has paper_resolution 512"),
+                                              ("smoke", None)])
+def test_named_targets_of_the_smoke_preset(workdir, target, expected):
+    code, output = snakemake(workdir, "-n", target, "--configfile", "config/smoke.yaml", check=False)
+    if expected:
+        assert code != 0 and re.search(expected, output), output
+    else:
+        assert code == 0 and job_counts(output)["benchmark_table"] == 1, output
+
+
+def test_table_256_needs_only_the_256_model(workdir):
+    counts = job_counts(snakemake(workdir, "-n", "table_256", "--configfile", "config/config.yaml")[1])
+    assert counts["convert_checkpoint"] == 1 and counts["paper_table"] == 1 and "tradeoff_plot" not in counts
 
 
 def test_smoke_preset_dry_run_does_not_merge_the_paper_config(workdir):
@@ -100,24 +118,36 @@ def test_smoke_run_end_to_end(workdir):
         feature_extractor={"train": {"steps": 60, "batch_size": 64, "lr": 0.002, "seed": 0}},
         sampling={"steps": [4, 8], "n_samples": 120, "shard_size": 60, "batch_size": 60},
         settings=["fp", "rtn-w2", "vq4dit-w2"],
+        ablation_candidates={"settings": ["vq-codebook-w2", "vq4dit-w2"], "steps": [4]},
         calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
     )
     settings = yaml.safe_load((workdir / config).read_text())["settings"]
     snakemake(workdir, "--cores", "2", "--configfile", config)
     csv = workdir / "results/smoke/tables/metrics.csv"
     table = pd.read_csv(csv)
-    assert sorted(zip(table.setting, table.steps)) == sorted((s, n) for s in settings for n in (4, 8))
+    runs = [(s, n) for s in settings for n in (4, 8)] + [("vq-codebook-w2", 4)]
+    assert sorted(zip(table.setting, table.steps)) == sorted(runs)
     metrics = ["fid", "sfid", "is", "precision", "recall"]
     assert np.isfinite(table[metrics].to_numpy()).all() and (table.n_samples == 120).all()
-    for name in ("plots/tradeoff.png", "plots/tradeoff.pdf", "plots/samples/digits-steps4.png",
-                 "tables/metrics.md", "tables/metrics.tex"):
+    for name in ("plots/tradeoff-digits.png", "plots/tradeoff-digits.pdf", "plots/samples/digits-steps4.png",
+                 "plots/calibration-digits.png", "tables/metrics.md", "tables/metrics.tex", "tables/paper-digits.html",
+                 "tables/ablation-candidates.md"):
         assert (workdir / "results/smoke" / name).stat().st_size > 0, name
     assert (workdir / "logs/smoke/quantize/digits/rtn-w2.log").is_file()
+    jobs = pd.read_csv(workdir / "results/smoke/tables/benchmarks.csv")["job"]
+    assert {"quantize/digits/vq4dit-w2", "tables/metrics", "train_transformer/digits"} <= set(jobs)
+    ablation = pd.read_csv(workdir / "results/smoke/tables/ablation-candidates.csv")
+    assert sorted(ablation["n"].unique()) == [1, 2]
+
+    report = workdir / "results/smoke/report.html"
+    snakemake(workdir, "--configfile", config, "--report", str(report))
+    assert "results/smoke/tables/paper-digits.html" in report.read_text()
 
     assert "Nothing to be done" in snakemake(workdir, "--cores", "2", "--configfile", config)[1]
 
     (workdir / "results/smoke/samples/digits/rtn-w2/steps8/shard1.npz").unlink()
     counts = job_counts(snakemake(workdir, "-n", "--configfile", config)[1])
-    assert counts == {"sample": 1, "features": 1, "metrics": 1, "tables": 1, "tradeoff_plot": 1, "all": 1}
+    assert counts == {"sample": 1, "features": 1, "metrics": 1, "tables": 1, "paper_table": 1, "tradeoff_plot": 1,
+                      "benchmark_table": 1, "all": 1}
     snakemake(workdir, "--cores", "2", "--configfile", config)
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)

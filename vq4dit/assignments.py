@@ -162,7 +162,9 @@ class VQLinear(nn.Module):
         if self._is_hard:
             return
         top, choice = self.logits.softmax(dim=1).max(dim=1)
-        self._freeze_rows_(~self.frozen & (top > threshold), choice)
+        rows = ~self.frozen & (top > threshold)
+        if rows.any():  # most steps freeze nothing: skip the permutation (this runs after every step)
+            self._freeze_rows_(rows, choice)
         if self.frozen_fraction() > self.layer_threshold:
             self._harden_()
 

@@ -88,6 +88,11 @@ class CalibrationConfig:
     lambda_r: float = 1.0
     ratio_reg_start: int = 100
     """Patience (optimiser steps without a new minimum of the L_d moving average) before L_r is on."""
+    ratio_reg_deadline: float = 1.0
+    """Fraction of the steps after which L_r is on even if L_d still improves (1.0: patience only).
+
+    The authors' patience rule alone assumes a budget long enough for L_d to level off; with a short
+    budget L_r may never switch on, and the final hardening then jumps from soft ratios."""
     freeze_threshold: float = 0.99
     layer_threshold: float = 0.99
     kmeans_iters: int = 100
@@ -128,17 +133,23 @@ class CalibrationSet:
 
 
 class RatioRegSwitch:
-    """Switches L_r on for good once the L_d moving average made no new minimum for ``patience`` steps."""
+    """Switches L_r on for good once the L_d moving average made no new minimum for ``patience`` steps,
+    or at step ``deadline`` at the latest (None: no deadline)."""
 
-    def __init__(self, patience: int) -> None:
+    def __init__(self, patience: int, deadline: int | None = None) -> None:
         self.patience = patience
+        self.deadline = deadline
         self.ema: float | None = None
         self.best = math.inf
         self.stale = 0
+        self.steps = 0
         self.on = patience <= 0
 
     def update(self, l_d: float) -> bool:
         """Feed this step's L_d; returns whether L_r is on for this step."""
+        self.steps += 1
+        if not self.on and self.deadline is not None and self.steps > self.deadline:
+            self.on = True
         if not self.on:
             self.ema = l_d if self.ema is None else LD_EMA_DECAY * self.ema + (1 - LD_EMA_DECAY) * l_d
             if self.ema < self.best:
@@ -246,6 +257,11 @@ def _optimizer_step(
     return l_rs
 
 
+def _deadline(cfg: CalibrationConfig, total_steps: int) -> int | None:
+    """The step by which L_r is on at the latest (None: the patience rule alone)."""
+    return None if cfg.ratio_reg_deadline >= 1.0 else int(cfg.ratio_reg_deadline * total_steps)
+
+
 def _record_every(total_steps: int) -> int:
     return max(1, total_steps // HISTORY_POINTS)
 
@@ -289,7 +305,7 @@ def _calibrate_group(
     """
     group_layers = [layer for b in group for layer in layers[b]]
     optimizer = make_optimizer(group_layers, cfg)
-    switches = {b: RatioRegSwitch(cfg.ratio_reg_start) for b in group}
+    switches = {b: RatioRegSwitch(cfg.ratio_reg_start, _deadline(cfg, cfg.iterations)) for b in group}
     generator = torch.Generator().manual_seed(cfg.seed)  # every group draws the same minibatch sequence
     every = _record_every(cfg.iterations)
     history: dict[int, list] = {b: [] for b in group}
@@ -376,11 +392,12 @@ class _BlockOutputs:
 class _SequentialStep:
     """Called after every teacher forward of the sampler: one student optimiser step on the same input."""
 
-    def __init__(self, q_model: nn.Module, blocks: list[list[VQLinear]], cfg: CalibrationConfig) -> None:
+    def __init__(self, q_model: nn.Module, blocks: list[list[VQLinear]], cfg: CalibrationConfig,
+                 total_steps: int) -> None:
         self.q_model, self.blocks, self.cfg = q_model, blocks, cfg
         self.layers = [layer for block in blocks for layer in block]
         self.optimizer = make_optimizer(self.layers, cfg)
-        self.switch = RatioRegSwitch(cfg.ratio_reg_start)
+        self.switch = RatioRegSwitch(cfg.ratio_reg_start, _deadline(cfg, total_steps))
         self.inputs: tuple[Tensor, Tensor, Tensor] | None = None
         self.step = 0
         self.l_r_start: int | None = None
@@ -423,9 +440,9 @@ def calibrate_sequential(
     start = time.perf_counter()
     fp_model, q_model = fp_model.to(device), q_model.to(device)
     _prepare_student(q_model, layers, cfg)
-    stepper = _SequentialStep(q_model, _layers_by_block(layers, len(q_model.transformer_blocks)), cfg)
-    teacher, student = _BlockOutputs(fp_model, clone=True), _BlockOutputs(q_model, clone=False)
     total = outer_iterations * cfg.steps
+    stepper = _SequentialStep(q_model, _layers_by_block(layers, len(q_model.transformer_blocks)), cfg, total)
+    teacher, student = _BlockOutputs(fp_model, clone=True), _BlockOutputs(q_model, clone=False)
     every = _record_every(total)
     bar = progress(total=total, desc="sequential calibration", unit="step")
 

@@ -179,7 +179,8 @@ def download(url: str, output: Path, sha256: str | None) -> None:
 def verify(path: Path, sha256: str | None, name: Path | None = None) -> None:
     """Raise naming the file and the expected hash when ``path`` does not hash to ``sha256``."""
     if not sha256:
-        log.warning("%s: no sha256 configured, not verified", name or path)
+        log.warning("%s: no sha256 configured, not verified; it hashes to %s (pin that in the config)",
+                    name or path, sha256sum(path))
         return
     actual = sha256sum(path)
     if actual != sha256:

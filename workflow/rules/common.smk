@@ -16,8 +16,8 @@ SAMPLING = config["sampling"]
 USE_GPU = config["device"] != "cpu"
 
 
-def load_settings(path):
-    """The settings table, one row per setting id, each row validated with the row and key named on error."""
+def load_settings(path, ids):
+    """The settings table rows of ``ids``, each row validated with the row and key named on error."""
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#").fillna("")
     rows = {}
     for number, record in enumerate(table.to_dict("records"), start=2):
@@ -29,13 +29,17 @@ def load_settings(path):
         if row["id"] in rows:
             raise WorkflowError(f"{path} line {number}: duplicate setting id {row['id']!r}")
         rows[row["id"]] = row
-    missing = [s for s in config["settings"] if s not in rows]
+    missing = [s for s in ids if s not in rows]
     if missing:
-        raise WorkflowError(f"config key 'settings' names ids missing from {path}: {missing}")
-    return {s: rows[s] for s in config["settings"]}
+        raise WorkflowError(f"config keys 'settings' and 'ablation_candidates' name ids missing from {path}: {missing}")
+    return {s: rows[s] for s in ids}
 
 
-SETTINGS = load_settings(config["settings_table"])
+ABLATION = config.get("ablation_candidates", {})
+if ABLATION and ABLATION["model"] not in MODELS:
+    raise WorkflowError(f"config key 'ablation_candidates.model': {ABLATION['model']!r} is not one of models {list(MODELS)}")
+MAIN_SETTINGS = config["settings"]
+SETTINGS = load_settings(config["settings_table"], list(dict.fromkeys(MAIN_SETTINGS + ABLATION.get("settings", []))))
 
 
 def alternation(names):
@@ -137,30 +141,136 @@ def gpu(wildcards=None):
     return int(USE_GPU)
 
 
+def runs(pattern, **fixed):
+    """``pattern`` expanded over the main runs (models x settings x steps) and the ablation's runs."""
+    main = expand(pattern, preset=PRESET, model=fixed.get("model", MODELS), setting=MAIN_SETTINGS,
+                  steps=SAMPLING["steps"], allow_missing=True)
+    ablation = []
+    if ABLATION and fixed.get("model", ABLATION["model"]) == ABLATION["model"]:
+        ablation = expand(pattern, preset=PRESET, model=ABLATION["model"], setting=ABLATION["settings"],
+                          steps=ABLATION["steps"], allow_missing=True)
+    return list(dict.fromkeys(main + ablation))
+
+
 def metric_files():
-    return expand(
-        "results/{preset}/metrics/{model}/{setting}/steps{steps}.json",
-        preset=PRESET, model=MODELS, setting=SETTINGS, steps=SAMPLING["steps"],
-    )
+    return runs("results/{preset}/metrics/{model}/{setting}/steps{steps}.json")
 
 
 def quantize_infos():
-    return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=MODELS, setting=SETTINGS)
+    return runs("results/{preset}/quantized/{model}/{setting}.json")
+
+
+def model_metric_files(wildcards):
+    """The main runs of one model (the paper-layout table)."""
+    return expand("results/{preset}/metrics/{model}/{setting}/steps{steps}.json", preset=PRESET,
+                  model=wildcards.model, setting=MAIN_SETTINGS, steps=SAMPLING["steps"])
+
+
+def model_quantize_infos(wildcards):
+    return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=wildcards.model,
+                  setting=MAIN_SETTINGS)
+
+
+def model_calibrated_infos(wildcards):
+    """Quantize infos of one model's calibrated settings (main and ablation), for the calibration curves."""
+    infos = runs("results/{preset}/quantized/{model}/{setting}.json", model=wildcards.model)
+    return [p for p in infos if SETTINGS[Path(p).stem]["method"] in CALIBRATED]
+
+
+def ablation_metric_files(wildcards=None):
+    return expand("results/{preset}/metrics/{model}/{setting}/steps{steps}.json", preset=PRESET,
+                  model=ABLATION["model"], setting=ABLATION["settings"], steps=ABLATION["steps"])
+
+
+def ablation_quantize_infos(wildcards=None):
+    return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=ABLATION["model"],
+                  setting=ABLATION["settings"])
+
+
+def paper_resolution(wildcards):
+    """``--resolution N`` for a model the paper evaluated (models.<m>.paper_resolution), else nothing."""
+    return resolution_arg(wildcards.model)
+
+
+def ablation_resolution(wildcards):
+    return resolution_arg(ABLATION["model"])
+
+
+def resolution_arg(model):
+    resolution = MODELS[model].get("paper_resolution")
+    return f"--resolution {resolution}" if resolution else ""
 
 
 def kept_shards():
     """Every sample shard when shards are kept: a deleted shard is then regenerated, and so is what it feeds."""
     if not SAMPLING.get("keep_samples", True):
         return []
-    return expand(
-        "results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz",
-        preset=PRESET, model=MODELS, setting=SETTINGS, steps=SAMPLING["steps"], shard=shards(),
-    )
+    return [
+        f"{run}/shard{shard}.npz"
+        for run in runs("results/{preset}/samples/{model}/{setting}/steps{steps}")
+        for shard in shards()
+    ]
+
+
+CALIBRATED = {"vq-codebook", "vq4dit"}
+
+
+def calibrated_models():
+    """Models with at least one calibrated setting (they get calibration curves)."""
+    return [m for m in MODELS if any(SETTINGS[Path(p).stem]["method"] in CALIBRATED
+                                     for p in runs("results/{preset}/quantized/{model}/{setting}.json", model=m))]
+
+
+def tradeoff_figures(wildcards=None):
+    return expand("results/{preset}/plots/tradeoff-{model}.{ext}", preset=PRESET, model=MODELS, ext=["png", "pdf"])
+
+
+def paper_tables(resolution):
+    """Input function of a ``table_<resolution>`` target: the paper-layout tables of the models at that resolution."""
+
+    def tables(wildcards):
+        models = [m for m, spec in MODELS.items() if spec.get("paper_resolution") == resolution]
+        if not models:
+            raise WorkflowError(f"target table_{resolution}: no model of preset {PRESET!r} has "
+                                f"paper_resolution {resolution}; run it with --configfile config/config.yaml")
+        return expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=models,
+                      ext=["csv", "md", "tex", "html"])
+
+    return tables
+
+
+def ablation_outputs(wildcards=None):
+    if not ABLATION:
+        raise WorkflowError(f"target ablation_candidates: preset {PRESET!r} has no config key 'ablation_candidates'")
+    return expand("results/{preset}/tables/ablation-candidates.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
+
+
+def smoke_outputs(wildcards):
+    if PRESET != "smoke":
+        raise WorkflowError(f"target smoke: this is preset {PRESET!r}; run it with --configfile config/smoke.yaml")
+    return final_outputs()
 
 
 def final_outputs():
-    return kept_shards() + expand(
-        "results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=["csv", "md", "tex"]
-    ) + expand("results/{preset}/plots/tradeoff.{ext}", preset=PRESET, ext=["png", "pdf"]) + expand(
-        "results/{preset}/plots/samples/{model}-steps{steps}.png", preset=PRESET, model=MODELS, steps=SAMPLING["steps"]
+    """Everything of the preset: tables, figures, sample grids, calibration curves, benchmark records."""
+    return (
+        kept_shards()
+        + expand("results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
+        + expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=MODELS,
+                 ext=["csv", "md", "tex", "html"])
+        + (ablation_outputs() if ABLATION else [])
+        + tradeoff_figures()
+        + expand("results/{preset}/plots/samples/{model}-steps{steps}.png", preset=PRESET, model=MODELS,
+                 steps=SAMPLING["steps"])
+        + expand("results/{preset}/plots/calibration-{model}.png", preset=PRESET, model=calibrated_models())
+        + benchmark_tables()
     )
+
+
+def benchmark_tables():
+    return expand("results/{preset}/tables/benchmarks.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
+
+
+def report_inputs(wildcards=None):
+    """What the benchmark table waits for: every other final output (so it sees their records)."""
+    return [p for p in final_outputs() if p not in benchmark_tables()]

@@ -1,4 +1,5 @@
-# Tables: every (model, setting, steps) run in one tidy CSV, plus Markdown and LaTeX renderings.
+# Tables: every run in one tidy table; per model the paper's layout next to the paper's numbers; the
+# candidate-count ablation; Snakemake's per-job benchmark records. CSV, Markdown, LaTeX and HTML each.
 
 
 rule tables:
@@ -6,18 +7,104 @@ rule tables:
         metrics=metric_files(),
         infos=quantize_infos(),
     output:
-        csv=report("results/{preset}/tables/metrics.csv", caption="../report/metrics_table.rst", category="Tables"),
+        csv="results/{preset}/tables/metrics.csv",
         md="results/{preset}/tables/metrics.md",
         tex="results/{preset}/tables/metrics.tex",
+        html=report("results/{preset}/tables/metrics.html", caption="../report/metrics_table.rst", category="Tables"),
     params:
         cfg_scale=SAMPLING["cfg_scale"],
     log:
-        "logs/{preset}/tables.log",
+        "logs/{preset}/tables/metrics.log",
     benchmark:
-        "results/{preset}/benchmarks/tables.tsv"
+        "results/{preset}/benchmarks/tables/metrics.tsv"
     localrule: True
     conda:
         "../../envs/vq4dit.yaml"
     shell:
-        "python -m vq4dit tables --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
-        " --csv {output.csv} --markdown {output.md} --latex {output.tex} > {log} 2>&1"
+        "python -m vq4dit tables metrics --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+
+
+rule paper_table:
+    input:
+        metrics=model_metric_files,
+        infos=model_quantize_infos,
+        paper=config["paper_results"],
+    output:
+        runs="results/{preset}/tables/runs-{model}.csv",
+        csv="results/{preset}/tables/paper-{model}.csv",
+        md="results/{preset}/tables/paper-{model}.md",
+        tex="results/{preset}/tables/paper-{model}.tex",
+        html=report(
+            "results/{preset}/tables/paper-{model}.html",
+            caption="../report/paper_table.rst",
+            category="Tables",
+            labels={"table": "paper layout", "model": "{model}"},
+        ),
+    params:
+        cfg_scale=SAMPLING["cfg_scale"],
+        resolution=paper_resolution,
+    log:
+        "logs/{preset}/tables/paper-{model}.log",
+    benchmark:
+        "results/{preset}/benchmarks/tables/paper-{model}.tsv"
+    localrule: True
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit tables paper --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
+        " --paper {input.paper} {params.resolution} --runs {output.runs}"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+
+
+rule ablation_table:
+    input:
+        metrics=ablation_metric_files,
+        infos=ablation_quantize_infos,
+        paper=config["paper_results"],
+    output:
+        csv="results/{preset}/tables/ablation-candidates.csv",
+        md="results/{preset}/tables/ablation-candidates.md",
+        tex="results/{preset}/tables/ablation-candidates.tex",
+        html=report(
+            "results/{preset}/tables/ablation-candidates.html",
+            caption="../report/ablation_table.rst",
+            category="Tables",
+            labels={"table": "candidate ablation", "model": ABLATION.get("model", "")},
+        ),
+    params:
+        cfg_scale=SAMPLING["cfg_scale"],
+        resolution=ablation_resolution,
+    log:
+        "logs/{preset}/tables/ablation-candidates.log",
+    benchmark:
+        "results/{preset}/benchmarks/tables/ablation-candidates.tsv"
+    localrule: True
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit tables ablation --metrics {input.metrics} --infos {input.infos}"
+        " --cfg-scale {params.cfg_scale} --paper {input.paper} {params.resolution}"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+
+
+rule benchmark_table:
+    input:
+        report_inputs,
+    output:
+        csv="results/{preset}/tables/benchmarks.csv",
+        md="results/{preset}/tables/benchmarks.md",
+        tex="results/{preset}/tables/benchmarks.tex",
+        html=report("results/{preset}/tables/benchmarks.html", caption="../report/benchmarks.rst", category="Benchmarks"),
+    params:
+        records="results/{preset}/benchmarks",
+    log:
+        "logs/{preset}/tables/benchmarks.log",
+    benchmark:
+        "results/{preset}/benchmarks/tables/benchmarks.tsv"
+    localrule: True
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit tables benchmarks --records {params.records}"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
