@@ -51,8 +51,8 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"vq4dit-seed{seed}-"))
         config = prepare(workdir, args.source, seed)
         start = time.perf_counter()
-        subprocess.run(["snakemake", "--cores", "2", "--configfile", config,
-                        "results/smoke/tables/metrics.csv"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["snakemake", "results/smoke/tables/metrics.csv", "--cores", "2", "--configfile", config],
+                       cwd=workdir, check=True, stdout=subprocess.DEVNULL)
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s in {workdir}", flush=True)
         tables.append(pd.read_csv(workdir / "results/smoke/tables/metrics.csv").assign(seed=seed))
     runs = pd.concat(tables)

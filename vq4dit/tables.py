@@ -288,8 +288,8 @@ def run(args: argparse.Namespace) -> None:
         Path(args.runs).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.runs, index=False)
     row_label = "setting"
-    if args.table == "ablation":
-        table, row_label = table.assign(n=table["n_candidates"]), "n"
+    if args.table == "ablation":  # FP rows only serve ΔFID(FP)
+        table, row_label = table[table["method"] != "fp"].assign(n=table["n_candidates"]), "n"
         if table["n"].isna().any():
             raise ValueError(f"ablation rows must be VQ settings; got {table.loc[table['n'].isna(), 'setting'].unique()}")
         table = table.assign(n=table["n"].astype(int)).sort_values(["n", "steps"], kind="stable")

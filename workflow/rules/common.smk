@@ -39,7 +39,9 @@ ABLATION = config.get("ablation_candidates", {})
 if ABLATION and ABLATION["model"] not in MODELS:
     raise WorkflowError(f"config key 'ablation_candidates.model': {ABLATION['model']!r} is not one of models {list(MODELS)}")
 MAIN_SETTINGS = config["settings"]
-SETTINGS = load_settings(config["settings_table"], list(dict.fromkeys(MAIN_SETTINGS + ABLATION.get("settings", []))))
+# the ablation's settings plus FP (for ΔFID to our own FP run; not a row of the ablation table)
+ABLATION_IDS = list(dict.fromkeys(["fp"] + ABLATION["settings"])) if ABLATION else []
+SETTINGS = load_settings(config["settings_table"], list(dict.fromkeys(MAIN_SETTINGS + ABLATION_IDS)))
 
 
 def alternation(names):
@@ -147,7 +149,7 @@ def runs(pattern, **fixed):
                   steps=SAMPLING["steps"], allow_missing=True)
     ablation = []
     if ABLATION and fixed.get("model", ABLATION["model"]) == ABLATION["model"]:
-        ablation = expand(pattern, preset=PRESET, model=ABLATION["model"], setting=ABLATION["settings"],
+        ablation = expand(pattern, preset=PRESET, model=ABLATION["model"], setting=ABLATION_IDS,
                           steps=ABLATION["steps"], allow_missing=True)
     return list(dict.fromkeys(main + ablation))
 
@@ -179,12 +181,12 @@ def model_calibrated_infos(wildcards):
 
 def ablation_metric_files(wildcards=None):
     return expand("results/{preset}/metrics/{model}/{setting}/steps{steps}.json", preset=PRESET,
-                  model=ABLATION["model"], setting=ABLATION["settings"], steps=ABLATION["steps"])
+                  model=ABLATION["model"], setting=ABLATION_IDS, steps=ABLATION["steps"])
 
 
 def ablation_quantize_infos(wildcards=None):
     return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=ABLATION["model"],
-                  setting=ABLATION["settings"])
+                  setting=ABLATION_IDS)
 
 
 def paper_resolution(wildcards):
