@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("report", type=Path, help="report.html written by `snakemake --report`")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNG screenshots")
     parser.add_argument("--results", nargs="*", default=DEFAULT_RESULTS, help="result path patterns to open")
-    parser.add_argument("--size", default="1600,1000", help="browser window width,height")
+    parser.add_argument("--size", default="2000,1000", help="browser window width,height")
     args = parser.parse_args()
     browser = chromium()
     report = args.report.read_text()

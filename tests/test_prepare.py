@@ -1,5 +1,8 @@
 import hashlib
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +107,19 @@ def test_hybrid_loss_is_finite_and_trains_the_variance(tiny_dit):
     assert torch.isfinite(loss) and loss > 0
     grad = tiny_dit.proj_out_2.weight.grad.view(2, 2, 2, -1)  # rows (p, q, channel): channel 1 = variance
     assert grad[:, :, 1].abs().sum() > 0
+
+
+def test_verify_checks_a_hand_placed_file_before_first_use(tmp_path):
+    placed = tmp_path / "resources" / "reference" / "ref.npz"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"a reference batch")
+    good = hashlib.sha256(placed.read_bytes()).hexdigest()
+    marker = tmp_path / "resources" / "verified" / "reference" / "ref.npz.json"
+
+    def verify(sha256: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vq4dit", "prepare", "verify", "--file", str(placed),
+                               "--sha256", sha256, "--output", str(marker)], capture_output=True, text=True)
+
+    bad = verify("2" * 64)
+    assert bad.returncode != 0 and "ref.npz" in bad.stderr and "2" * 64 in bad.stderr and not marker.exists()
+    assert verify(good).returncode == 0 and json.loads(marker.read_text())["sha256"] == good

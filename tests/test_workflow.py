@@ -66,6 +66,7 @@ def test_paper_preset_dry_run_lists_every_job(workdir):
     assert counts["quantize"] == models * settings + len(extra)
     assert counts["metrics"] == models * settings * steps + len(extra) * len(ablation["steps"])
     assert counts["paper_table"] == counts["tradeoff_plot"] == models and counts["ablation_table"] == 1
+    assert counts["verify_download"] == counts["download"] - models  # checkpoints: verified by conversion
 
 
 @pytest.mark.parametrize("target, expected", [("table_512", r"no model of preset 'smoke' has paper_resolution 512"),

@@ -6,7 +6,8 @@ Smoke preset (trained here, on CPU, from scikit-learn's digits):
   hybrid loss) and 10% class dropout for guidance; saved in diffusers' layout.
   ``digits-features`` the digits feature network of the metrics (see ``vq4dit.features``).
   ``digits-reference`` the reference set: all 1797 digits as uint8 NHWC in ADM's .npz format.
-Paper preset: ``download`` fetches a file and verifies its sha256; ``convert-dit`` turns an
+Paper preset: ``download`` fetches a file and verifies its sha256; ``verify`` checks it again
+before its first use (so a file placed by hand is checked too); ``convert-dit`` turns an
 official DiT checkpoint (facebookresearch/DiT ``models.py`` key layout) into diffusers' layout.
 """
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from vq4dit.features import DigitsFeatureNet
-from vq4dit.io import progress, atomic_savez
+from vq4dit.io import atomic_savez, atomic_write_json, progress
 from vq4dit.models import (
     block_linear_names, build_transformer, save_converted, tie_embedders, untie_embedders,
     use_original_timestep_embedding,
@@ -257,6 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--sha256", default="")
     p.add_argument("--output", required=True)
+    p = sub.add_parser("verify", help="check a downloaded (or hand-placed) file before its first use")
+    p.add_argument("--file", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--output", required=True, help="marker file: the file's sha256")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -275,6 +280,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.what == "convert-dit":
         model = convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None)
         save_converted(model, output, args.checkpoint)
+    elif args.what == "verify":
+        verify(Path(args.file), args.sha256 or None)
+        atomic_write_json(output, {"file": args.file, "sha256": sha256sum(Path(args.file))})
     else:
         download(args.url, output, args.sha256 or None)
     log.info("prepared %s in %.1f s", output, time.perf_counter() - start)

@@ -97,6 +97,23 @@ def downloads():
 DOWNLOADS = downloads()
 
 
+def verified(paths):
+    """Verification markers of the downloaded files among ``paths``: a hand-placed file is checked before first use."""
+    return [f"resources/verified/{p[len('resources/'):]}.json" for p in paths if p.startswith("resources/")]
+
+
+def feature_inputs_verified(wildcards):
+    return verified([feature_weights()])
+
+
+def reference_inputs_verified(wildcards):
+    return verified([reference_images(wildcards), feature_weights()])
+
+
+def vae_verified(wildcards):
+    return verified(vae_config(wildcards))
+
+
 def transformer_config(wildcards):
     return f"results/{PRESET}/models/{wildcards.model}/transformer/config.json"
 

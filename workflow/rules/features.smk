@@ -5,6 +5,7 @@ rule features:
     input:
         shards=sample_shards,
         weights=feature_weights(),
+        verified=feature_inputs_verified,
     output:
         "results/{preset}/features/{model}/{setting}/steps{steps}.npz",
     params:
@@ -30,6 +31,7 @@ rule reference_features:
     input:
         images=reference_images,
         weights=feature_weights(),
+        verified=reference_inputs_verified,
     output:
         "results/{preset}/features/reference/{reference}.npz",
     params:

@@ -74,6 +74,26 @@ rule download:
         " --output {output} > {log} 2>&1"
 
 
+rule verify_download:
+    input:
+        "resources/{download}",
+    output:
+        "resources/verified/{download}.json",
+    wildcard_constraints:
+        download=alternation(DOWNLOADS),
+    params:
+        sha256=lambda wc: DOWNLOADS[wc.download].get("sha256") or "",
+    localrule: True
+    log:
+        "logs/verify/{download}.log",
+    benchmark:
+        "results/download-benchmarks/verify/{download}.tsv"
+    conda:
+        "../../envs/vq4dit.yaml"
+    shell:
+        "python -m vq4dit prepare verify --file {input} --sha256 '{params.sha256}' --output {output} > {log} 2>&1"
+
+
 rule convert_checkpoint:
     input:
         checkpoint="resources/checkpoints/{model}.pt",

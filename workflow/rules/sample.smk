@@ -6,6 +6,7 @@ rule sample:
         transformer=transformer_config,
         packed="results/{preset}/quantized/{model}/{setting}.safetensors",
         vae=vae_config,
+        vae_verified=vae_verified,
     output:
         sample_output("results/{preset}/samples/{model}/{setting}/steps{steps}/shard{shard}.npz"),
     params:
