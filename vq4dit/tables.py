@@ -244,7 +244,8 @@ def write_plain(table: pd.DataFrame, title: str, out: dict[str, str], latex_fmt:
     for column, fmt in (latex_fmt or {}).items():
         styler = styler.format(fmt, subset=[column], na_rep="--")
     Path(out["tex"]).write_text(styler.to_latex(hrules=True))
-    html = (table.style.hide(axis="index").format(precision=3, na_rep="–").set_caption(title)
+    html = (table.style.hide(axis="index").format(lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="–")
+            .set_caption(title)
             .set_table_styles(HTML_STYLE).to_html())
     Path(out["html"]).write_text(f"<html><meta charset='utf-8'><body style='{BODY_STYLE}'>{html}</body></html>\n")
 
