@@ -177,15 +177,16 @@ def download(url: str, output: Path, sha256: str | None) -> None:
     part.replace(output)
 
 
-def verify(path: Path, sha256: str | None, name: Path | None = None) -> None:
-    """Raise naming the file and the expected hash when ``path`` does not hash to ``sha256``."""
+def verify(path: Path, sha256: str | None, name: Path | None = None) -> str:
+    """The file's sha256 (read once); raises naming the file and the expected hash when it does not match
+    ``sha256``, warns with the actual hash when none is configured."""
+    actual = sha256sum(path)
     if not sha256:
         log.warning("%s: no sha256 configured, not verified; it hashes to %s (pin that in the config)",
-                    name or path, sha256sum(path))
-        return
-    actual = sha256sum(path)
-    if actual != sha256:
+                    name or path, actual)
+    elif actual != sha256:
         raise ValueError(f"{name or path}: sha256 {actual} does not match the expected {sha256}")
+    return actual
 
 
 #: original DiT key prefix -> diffusers key prefix, per block (qkv is split separately)
@@ -281,8 +282,7 @@ def run(args: argparse.Namespace) -> None:
         model = convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None)
         save_converted(model, output, args.checkpoint)
     elif args.what == "verify":
-        verify(Path(args.file), args.sha256 or None)
-        atomic_write_json(output, {"file": args.file, "sha256": sha256sum(Path(args.file))})
+        atomic_write_json(output, {"file": args.file, "sha256": verify(Path(args.file), args.sha256 or None)})
     else:
         download(args.url, output, args.sha256 or None)
     log.info("prepared %s in %.1f s", output, time.perf_counter() - start)
