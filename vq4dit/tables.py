@@ -185,6 +185,21 @@ def unmatched_paper_rows(paper: pd.DataFrame, resolution: int | None, settings: 
     return paper[has_metric & unplaced & here & ours]
 
 
+def latex_text(text: str) -> str:
+    """Header text for LaTeX: the arrows and Δ as math."""
+    return str(text).replace("Δ", r"$\Delta$").replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$")
+
+
+def markdown(table: pd.DataFrame, floatfmt: str) -> str:
+    """Markdown of a table, missing values shown as "–" (tabulate only recognises None as missing)."""
+    shown = table.astype(object)
+    return shown.where(table.notna(), None).to_markdown(index=False, floatfmt=floatfmt, missingval="–")
+
+
+def html_page(body: str) -> str:
+    return f"<html><meta charset='utf-8'><body style='{BODY_STYLE}'>{body}</body></html>\n"
+
+
 def write_comparison(table: pd.DataFrame, notes: pd.DataFrame, title: str, out: dict[str, str]) -> None:
     """CSV (long form: one row per cell), Markdown, LaTeX (booktabs) and HTML of a comparison table."""
     long = table.stack(["group", "quantity", "source"], future_stack=True).rename("value").reset_index()
@@ -196,19 +211,17 @@ def write_comparison(table: pd.DataFrame, notes: pd.DataFrame, title: str, out: 
                   f"FID {r.fid:g}; source: {r.source}" for r in notes.itertuples(index=False)]
     note_lines.append("- paper cells come from config/paper_results.csv; rows with verified = no there are "
                       "secondary-source numbers not yet checked against the paper's tables")
-    flat = flat.reset_index().astype(object)
-    md = f"### {title}\n\n" + flat.where(flat.notna(), None).to_markdown(index=False, floatfmt=".3g", missingval="–")
-    Path(out["md"]).write_text(md + "\n" + ("\n" + "\n".join(note_lines) + "\n" if note_lines else ""))
+    md = f"### {title}\n\n" + markdown(flat.reset_index(), ".3g")
+    Path(out["md"]).write_text(md + "\n\n" + "\n".join(note_lines) + "\n")
+
     def styled():  # Styler methods modify the Styler in place: one per output
         return table.style.format(precision=2, na_rep="--").format_index(lambda v: f"{v:g}", level=2, axis=0)
 
-    latex = styled().format_index(lambda s: str(s).replace("Δ", r"$\Delta$").replace("↓", r"$\downarrow$")
-                                  .replace("↑", r"$\uparrow$"), axis=1)
+    latex = styled().format_index(latex_text, axis=1)
     Path(out["tex"]).write_text(latex.to_latex(hrules=True, multicol_align="c", caption=title))
     html = styled().set_caption(title).set_table_styles(HTML_STYLE).to_html()
     notes_html = "".join(f"<li>{line[2:]}</li>" for line in note_lines)
-    Path(out["html"]).write_text(f"<html><meta charset='utf-8'><body style='{BODY_STYLE}'>{html}<ul>{notes_html}</ul>"
-                                 "</body></html>\n")
+    Path(out["html"]).write_text(html_page(f"{html}<ul>{notes_html}</ul>"))
 
 
 def benchmark_table(root: str) -> pd.DataFrame:
@@ -233,21 +246,16 @@ def benchmark_table(root: str) -> pd.DataFrame:
 
 
 def write_plain(table: pd.DataFrame, title: str, out: dict[str, str], latex_fmt: dict | None = None) -> None:
-    """CSV, Markdown, LaTeX and HTML of a flat table (the Markdown/LaTeX/HTML from ``display``)."""
-    Path(out["csv"]).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out["csv"], index=False)
-    shown = table.astype(object).where(table.notna(), None)
-    Path(out["md"]).write_text(shown.to_markdown(index=False, missingval="–", floatfmt=".4g") + "\n")
-    latex = table.rename(columns=lambda c: c.replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$")
-                         .replace("Δ", r"$\Delta$"))
-    styler = latex.style.hide(axis="index").format(precision=2, na_rep="--")
+    """Markdown, LaTeX and HTML of a flat table (the CSV is the caller's: it may keep more columns)."""
+    Path(out["md"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(out["md"]).write_text(markdown(table, ".4g") + "\n")
+    styler = table.rename(columns=latex_text).style.hide(axis="index").format(precision=2, na_rep="--")
     for column, fmt in (latex_fmt or {}).items():
         styler = styler.format(fmt, subset=[column], na_rep="--")
     Path(out["tex"]).write_text(styler.to_latex(hrules=True))
     html = (table.style.hide(axis="index").format(lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="–")
-            .set_caption(title)
-            .set_table_styles(HTML_STYLE).to_html())
-    Path(out["html"]).write_text(f"<html><meta charset='utf-8'><body style='{BODY_STYLE}'>{html}</body></html>\n")
+            .set_caption(title).set_table_styles(HTML_STYLE).to_html())
+    Path(out["html"]).write_text(html_page(html))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -273,13 +281,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     out = {fmt: getattr(args, fmt) for fmt in ("csv", "md", "tex", "html")}
     if args.table == "benchmarks":
-        write_plain(benchmark_table(args.records), "Per-job benchmark records (Snakemake)", out)
+        records = benchmark_table(args.records)
+        write_plain(records, "Per-job benchmark records (Snakemake)", out)
+        records.to_csv(out["csv"], index=False)
         log.info("wrote %s", ", ".join(out.values()))
         return
     table = build_table(args.metrics, args.infos, args.cfg_scale)
     if args.table == "metrics":
         write_plain(display_table(table), "All runs", out, {"block MSE": "{:.2e}"})
-        table.to_csv(out["csv"], index=False)  # the CSV keeps every column, unrounded
+        table.to_csv(out["csv"], index=False)  # every column, unrounded
         log.info("wrote %s", ", ".join(out.values()))
         return
     models = table["model"].unique().tolist()
