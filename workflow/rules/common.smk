@@ -160,6 +160,11 @@ def gpu(wildcards=None):
     return int(USE_GPU)
 
 
+METRICS_FILE = "results/{preset}/metrics/{model}/{setting}/steps{steps}.json"
+QUANTIZE_INFO = "results/{preset}/quantized/{model}/{setting}.json"
+TABLE_FORMATS = ["csv", "md", "tex", "html"]
+
+
 def runs(pattern, **fixed):
     """``pattern`` expanded over the main runs (models x settings x steps) and the ablation's runs."""
     main = expand(pattern, preset=PRESET, model=fixed.get("model", MODELS), setting=MAIN_SETTINGS,
@@ -172,38 +177,40 @@ def runs(pattern, **fixed):
 
 
 def metric_files():
-    return runs("results/{preset}/metrics/{model}/{setting}/steps{steps}.json")
+    return runs(METRICS_FILE)
 
 
 def quantize_infos():
-    return runs("results/{preset}/quantized/{model}/{setting}.json")
+    return runs(QUANTIZE_INFO)
 
 
 def model_metric_files(wildcards):
     """The main runs of one model (the paper-layout table)."""
-    return expand("results/{preset}/metrics/{model}/{setting}/steps{steps}.json", preset=PRESET,
-                  model=wildcards.model, setting=MAIN_SETTINGS, steps=SAMPLING["steps"])
+    return expand(METRICS_FILE, preset=PRESET, model=wildcards.model, setting=MAIN_SETTINGS, steps=SAMPLING["steps"])
 
 
 def model_quantize_infos(wildcards):
-    return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=wildcards.model,
-                  setting=MAIN_SETTINGS)
+    return expand(QUANTIZE_INFO, preset=PRESET, model=wildcards.model, setting=MAIN_SETTINGS)
+
+
+CALIBRATED = {"vq-codebook", "vq4dit"}
+
+
+def calibrated_infos(model):
+    """Quantize infos of one model's calibrated settings (main and ablation), for the calibration curves."""
+    return [p for p in runs(QUANTIZE_INFO, model=model) if SETTINGS[Path(p).stem]["method"] in CALIBRATED]
 
 
 def model_calibrated_infos(wildcards):
-    """Quantize infos of one model's calibrated settings (main and ablation), for the calibration curves."""
-    infos = runs("results/{preset}/quantized/{model}/{setting}.json", model=wildcards.model)
-    return [p for p in infos if SETTINGS[Path(p).stem]["method"] in CALIBRATED]
+    return calibrated_infos(wildcards.model)
 
 
 def ablation_metric_files(wildcards=None):
-    return expand("results/{preset}/metrics/{model}/{setting}/steps{steps}.json", preset=PRESET,
-                  model=ABLATION["model"], setting=ABLATION_IDS, steps=ABLATION["steps"])
+    return expand(METRICS_FILE, preset=PRESET, model=ABLATION["model"], setting=ABLATION_IDS, steps=ABLATION["steps"])
 
 
 def ablation_quantize_infos(wildcards=None):
-    return expand("results/{preset}/quantized/{model}/{setting}.json", preset=PRESET, model=ABLATION["model"],
-                  setting=ABLATION_IDS)
+    return expand(QUANTIZE_INFO, preset=PRESET, model=ABLATION["model"], setting=ABLATION_IDS)
 
 
 def paper_resolution(wildcards):
@@ -231,13 +238,9 @@ def kept_shards():
     ]
 
 
-CALIBRATED = {"vq-codebook", "vq4dit"}
-
-
 def calibrated_models():
     """Models with at least one calibrated setting (they get calibration curves)."""
-    return [m for m in MODELS if any(SETTINGS[Path(p).stem]["method"] in CALIBRATED
-                                     for p in runs("results/{preset}/quantized/{model}/{setting}.json", model=m))]
+    return [m for m in MODELS if calibrated_infos(m)]
 
 
 def tradeoff_figures(wildcards=None):
@@ -252,8 +255,7 @@ def paper_tables(resolution):
         if not models:
             raise WorkflowError(f"target table_{resolution}: no model of preset {PRESET!r} has "
                                 f"paper_resolution {resolution}; run it with --configfile config/config.yaml")
-        return expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=models,
-                      ext=["csv", "md", "tex", "html"])
+        return expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=models, ext=TABLE_FORMATS)
 
     return tables
 
@@ -261,7 +263,7 @@ def paper_tables(resolution):
 def ablation_outputs(wildcards=None):
     if not ABLATION:
         raise WorkflowError(f"target ablation_candidates: preset {PRESET!r} has no config key 'ablation_candidates'")
-    return expand("results/{preset}/tables/ablation-candidates.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
+    return expand("results/{preset}/tables/ablation-candidates.{ext}", preset=PRESET, ext=TABLE_FORMATS)
 
 
 def smoke_outputs(wildcards):
@@ -274,9 +276,8 @@ def final_outputs():
     """Everything of the preset: tables, figures, sample grids, calibration curves, benchmark records."""
     return (
         kept_shards()
-        + expand("results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
-        + expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=MODELS,
-                 ext=["csv", "md", "tex", "html"])
+        + expand("results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=TABLE_FORMATS)
+        + expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=MODELS, ext=TABLE_FORMATS)
         + (ablation_outputs() if ABLATION else [])
         + tradeoff_figures()
         + expand("results/{preset}/plots/samples/{model}-steps{steps}.png", preset=PRESET, model=MODELS,
@@ -287,9 +288,10 @@ def final_outputs():
 
 
 def benchmark_tables():
-    return expand("results/{preset}/tables/benchmarks.{ext}", preset=PRESET, ext=["csv", "md", "tex", "html"])
+    return expand("results/{preset}/tables/benchmarks.{ext}", preset=PRESET, ext=TABLE_FORMATS)
 
 
 def report_inputs(wildcards=None):
     """What the benchmark table waits for: every other final output (so it sees their records)."""
-    return [p for p in final_outputs() if p not in benchmark_tables()]
+    own = set(benchmark_tables())
+    return [p for p in final_outputs() if p not in own]
