@@ -21,14 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from smoke_run import REPO, copy_workflow  # the sibling script (benchmarks/ is on sys.path when run)
 REUSED = ("models", "quantized", "reference", "features/reference")
 
 
 def prepare(workdir: Path, source: Path, seed: int) -> str:
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, workdir / name)
+    copy_workflow(workdir)
     for part in REUSED:
         shutil.copytree(source / part, workdir / "results/smoke" / part, copy_function=shutil.copy2)
     config = yaml.safe_load((REPO / "config/smoke.yaml").read_text())

@@ -23,9 +23,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare_workdir(workdir: Path, seed: int | None) -> str:
+def copy_workflow(workdir: Path) -> None:
+    """The files a run needs (Snakefile, rules, config, profiles, envs) into ``workdir``."""
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, workdir / name)
+
+
+def prepare_workdir(workdir: Path, seed: int | None) -> str:
+    copy_workflow(workdir)
     if seed is None:
         return "config/smoke.yaml"
     config = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
