@@ -30,7 +30,8 @@ from vq4dit.models import block_linear_names, load_transformer
 log = logging.getLogger(__name__)
 
 Packed = dict[str, dict[str, torch.Tensor]]
-#: method name -> function(model, layer names, setting, calibration config, device) -> (packed layers, info)
+#: method name -> function(model, layer names, setting, calibration config, device, teacher) -> (packed layers, info);
+#: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target)
 Quantizer = Callable[..., tuple[Packed, dict]]
 
 #: layer format -> dequantizer of its packed tensors (the bias is stored as the layer's plain ``bias``)
@@ -40,19 +41,19 @@ DEQUANTIZERS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
 }
 
 
-def quantize_fp(model, names, setting, cfg, device) -> tuple[Packed, dict]:
+def quantize_fp(model, names, setting, cfg, device, teacher) -> tuple[Packed, dict]:
     """The full-precision reference: nothing is quantized."""
     return {}, {"size": size.fp_size(size.linear_shapes(model, names))}
 
 
-def quantize_rtn(model, names, setting, cfg, device) -> tuple[Packed, dict]:
+def quantize_rtn(model, names, setting, cfg, device, teacher) -> tuple[Packed, dict]:
     """Per-output-channel RTN of every block linear."""
     bits = int(setting["bits"])
     packed = {name: rtn.quantize_weight(model.get_submodule(name).weight, bits) for name in names}
     return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}
 
 
-def quantize_vq(model, names, setting, cfg: CalibrationConfig, device) -> tuple[Packed, dict]:
+def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher) -> tuple[Packed, dict]:
     """VQ of every block linear: k-means codebooks, then (unless ``vq-kmeans``) zero-data calibration.
 
     ``vq-kmeans``: nearest assignments, no calibration. ``vq-codebook``: one candidate (hard
@@ -61,11 +62,10 @@ def quantize_vq(model, names, setting, cfg: CalibrationConfig, device) -> tuple[
     method, k, d = setting["method"], int(setting["k"]), int(setting["d"])
     shapes = size.linear_shapes(model, names)
     n = int(setting.get("n_candidates", 2)) if method == "vq4dit" else 1
-    teacher = copy.deepcopy(model) if method != "vq-kmeans" else None
     layers = assignments.quantize_model_linears(model, names, k=k, d=d, n_candidates=n,
                                                 kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
     info: dict = {"size": size.vq_size(shapes, k, d)}
-    if teacher is not None:
+    if method != "vq-kmeans":
         calib = collect_calibration_inputs(teacher, cfg, device)
         history = calibrate_blockwise(teacher, model, layers, calib, cfg)
         info["calibration_seconds"] = history.pop("calibration_seconds")
@@ -120,9 +120,10 @@ def load_quantized_transformer(transformer_dir: str | Path, packed_path: str | P
     return model.to(device).eval()
 
 
-def evaluate_block_mse(transformer: str, packed: Path, cfg: CalibrationConfig, device) -> float:
-    """Mean block-output MSE of the packed model against the FP model on held-out teacher inputs."""
-    fp_model = load_transformer(transformer, device)
+def evaluate_block_mse(fp_model: torch.nn.Module, transformer: str, packed: Path, cfg: CalibrationConfig,
+                       device) -> float:
+    """Mean block-output MSE of the packed model (as reloaded from disk) against the FP model on held-out
+    teacher inputs."""
     held_out = CalibrationConfig.from_dict({**vars(cfg), "seed": cfg.seed + 1, "trajectories": 1})
     calib = collect_calibration_inputs(fp_model, held_out, device)
     return block_mse(fp_model, load_quantized_transformer(transformer, packed, device), calib)
@@ -151,13 +152,13 @@ def run(args: argparse.Namespace) -> None:
     names = block_linear_names(model)
     log.info("setting %s (%s) on %d block linears, device %s", setting.get("id"), method, len(names), device)
     cfg = CalibrationConfig.from_dict(calibration)
-    fp_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fp_model = copy.deepcopy(model)  # one FP copy: calibration teacher, packed file's FP tensors, block-MSE reference
     start = time.perf_counter()
-    packed, info = METHODS[method](model, names, setting, cfg, device)
+    packed, info = METHODS[method](model, names, setting, cfg, device, fp_model)
     info["quantize_seconds"] = time.perf_counter() - start
     output = Path(args.output)
-    save_packed(fp_state, packed, FORMATS.get(method, method), setting, output)
-    info["block_mse"] = evaluate_block_mse(args.transformer, output, cfg, device)
+    save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
+    info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names))
     atomic_write_json(Path(args.info), info)
     log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])
