@@ -67,7 +67,7 @@ def test_converting_a_wrong_checkpoint_names_the_file(tiny_dit, tmp_path):
     state = original_layout(tiny_dit)
     del state["blocks.1.mlp.fc1.weight"]
     torch.save(state, path)
-    with pytest.raises(KeyError, match="blocks.1.mlp.fc1.weight"):
+    with pytest.raises(ValueError, match="other.pt.*missing key .blocks.1.mlp.fc1.weight"):
         convert_dit(path, "DiT-digits", image_size=64, sha256=None)
 
 
@@ -90,7 +90,7 @@ def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
     with pytest.raises(ValueError, match="does not match the expected " + "1" * 64):
         download(source.as_uri(), bad_target, "1" * 64)
     assert not bad_target.exists() and not list(bad_target.parent.glob("*.part"))
-    with pytest.raises(RuntimeError, match="Place the file at .*missing.bin by hand"):
+    with pytest.raises(OSError, match="Place the file at .*missing.bin by hand"):
         download((tmp_path / "nowhere.bin").as_uri(), tmp_path / "missing.bin", good)
 
 
@@ -123,3 +123,52 @@ def test_verify_checks_a_hand_placed_file_before_first_use(tmp_path):
     bad = verify("2" * 64)
     assert bad.returncode != 0 and "ref.npz" in bad.stderr and "2" * 64 in bad.stderr and not marker.exists()
     assert verify(good).returncode == 0 and json.loads(marker.read_text())["sha256"] == good
+
+
+def test_wrong_size_fails_before_hashing(tmp_path, monkeypatch):
+    import vq4dit.prepare as prepare
+
+    path = tmp_path / "ref.npz"
+    path.write_bytes(b"x" * 10)
+    monkeypatch.setattr(prepare, "sha256sum", lambda p: pytest.fail("hashed a file of the wrong size"))
+    with pytest.raises(ValueError, match=r"ref.npz: 10 bytes, expected 11"):
+        prepare.verify(path, "0" * 64, size=11)
+    with pytest.raises(FileNotFoundError, match="absent.npz: file not found"):
+        prepare.verify(tmp_path / "absent.npz", "0" * 64, size=11)
+
+
+def test_download_checks_the_size_and_removes_the_partial_file(tmp_path):
+    source = tmp_path / "remote.bin"
+    source.write_bytes(b"weights" * 10)
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    target = tmp_path / "resources" / "weights.bin"
+    with pytest.raises(ValueError, match="weights.bin: 70 bytes, expected 71"):
+        download(source.as_uri(), target, good, size=71)
+    assert not target.exists() and not list(target.parent.glob("*.part"))
+    download(source.as_uri(), target, good, size=70)
+    assert target.read_bytes() == source.read_bytes()
+
+
+def vq4dit_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vq4dit", *args], capture_output=True, text=True)
+
+
+def test_unreachable_download_ends_with_one_line_and_no_traceback(tmp_path):
+    url, output = "http://127.0.0.1:9/x.pt", tmp_path / "x.pt"
+    args = ("prepare", "download", "--url", url, "--sha256", "3" * 64, "--output", str(output))
+    result = vq4dit_cli(*args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and url in errors[0] and str(output) in errors[0] and "by hand" in errors[0]
+    debug = vq4dit_cli("--debug", *args)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and url in debug.stderr
+    assert not output.exists()
+
+
+def test_truncated_checkpoint_is_one_clear_line(tmp_path):
+    path = tmp_path / "DiT.pt"
+    path.write_bytes(b"PK\x03\x04 not a whole zip")
+    result = vq4dit_cli("prepare", "convert-dit", "--checkpoint", str(path), "--arch", "DiT-digits",
+                        "--image-size", "64", "--output", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{path}: cannot read the checkpoint" in result.stderr and "download it again" in result.stderr

@@ -1,4 +1,9 @@
-"""Command line: ``python -m vq4dit <stage> [options]``, one sub-command per pipeline stage."""
+"""Command line: ``python -m vq4dit [--debug] <stage> [options]``, one sub-command per pipeline stage.
+
+Expected failures (``EXPECTED_ERRORS``: a bad file, key or value is a ``ValueError``; a missing,
+unreadable or unreachable file an ``OSError``) end the command with one line on stderr naming what
+failed and a non-zero exit; ``--debug`` shows their traceback. Anything else is a bug and keeps its traceback.
+"""
 
 import argparse
 import importlib
@@ -15,22 +20,36 @@ STAGES = {
     "plots": "trade-off plots and sample grids",
     "size": "model size by the paper's convention (shapes only)",
 }
+#: the exceptions stages raise for a user's input or environment (not bugs)
+EXPECTED_ERRORS = (ValueError, OSError)
+#: exit status of an expected failure
+EXIT_FAILURE = 1
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the stage name, import only that stage's module and run it."""
-    parser = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of expected failures too")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     argv = sys.argv[1:] if argv is None else argv
+    stage = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if argv and argv[0] == name:
+        if name == stage:
             module = importlib.import_module(f"vq4dit.{name}")
             module.add_arguments(stage_parser)
             stage_parser.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.run(args)
+    try:
+        args.run(args)
+    except EXPECTED_ERRORS as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
+        print(f"vq4dit {args.stage}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import logging
 import math
+import pickle
 import time
 import urllib.request
 from pathlib import Path
@@ -152,8 +154,8 @@ def sha256sum(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, output: Path, sha256: str | None) -> None:
-    """Fetch ``url`` to ``output`` through a ``.part`` file; verify the sha256 before the final rename."""
+def download(url: str, output: Path, sha256: str | None, size: int | None = None) -> None:
+    """Fetch ``url`` to ``output`` through a ``.part`` file; verify size and sha256 before the final rename."""
     output.parent.mkdir(parents=True, exist_ok=True)
     part = output.with_name(output.name + ".part")
     try:
@@ -163,29 +165,38 @@ def download(url: str, output: Path, sha256: str | None) -> None:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
-    except OSError as err:
+    except (OSError, http.client.HTTPException) as err:
         part.unlink(missing_ok=True)
-        raise RuntimeError(
+        expected = ", ".join(f"{k} {v}" for k, v in (("sha256", sha256), ("bytes", size)) if v)
+        raise OSError(
             f"cannot download {url} to {output}: {err}. Offline? Place the file at {output} by hand"
-            + (f" (expected sha256 {sha256})" if sha256 else "")
+            + (f" (expected {expected})" if expected else "")
         ) from err
     try:
-        verify(part, sha256, name=output)
+        verify(part, sha256, size, name=output)
     except ValueError:
         part.unlink()
         raise
     part.replace(output)
 
 
-def verify(path: Path, sha256: str | None, name: Path | None = None) -> str:
-    """The file's sha256 (read once); raises naming the file and the expected hash when it does not match
-    ``sha256``, warns with the actual hash when none is configured."""
+def verify(path: Path, sha256: str | None, size: int | None = None, name: Path | None = None) -> str:
+    """The file's sha256 (read once). Raises naming the file when it is missing, when its size is not ``size``
+    (checked first: no hashing of a truncated 2 GB file) or its hash not ``sha256``; warns with the actual hash
+    when no sha256 is configured."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{name or path}: file not found; run the download rule or place it there by hand")
+    actual_size = path.stat().st_size
+    if size and actual_size != size:
+        raise ValueError(f"{name or path}: {actual_size} bytes, expected {size} (truncated or a different file); "
+                         "delete it and download it again")
     actual = sha256sum(path)
     if not sha256:
         log.warning("%s: no sha256 configured, not verified; it hashes to %s (pin that in the config)",
                     name or path, actual)
     elif actual != sha256:
-        raise ValueError(f"{name or path}: sha256 {actual} does not match the expected {sha256}")
+        raise ValueError(f"{name or path}: sha256 {actual} does not match the expected {sha256}; "
+                         "delete it and download it again")
     return actual
 
 
@@ -225,15 +236,22 @@ def convert_dit_state(original: dict[str, torch.Tensor], depth: int) -> dict[str
 def convert_dit(checkpoint: Path, arch: str, image_size: int, sha256: str | None):
     """Load an official DiT checkpoint (verified when a sha256 is configured) as a diffusers model."""
     verify(checkpoint, sha256)
-    original = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        original = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{checkpoint}: cannot read the checkpoint ({err}); truncated? delete it and download it again") from err
     original = original.get("ema", original) if isinstance(original, dict) else original
-    classes = original["y_embedder.embedding_table.weight"].shape[0] - 1
-    channels = original["x_embedder.proj.weight"].shape[1]
-    model = build_transformer(arch, sample_size=image_size // 8, in_channels=channels, num_classes=classes)
-    missing = set(model.state_dict()) - set(state := convert_dit_state(original, len(model.transformer_blocks)))
-    if missing:
-        raise ValueError(f"{checkpoint}: not a {arch} checkpoint; missing {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=True)
+    try:
+        classes = original["y_embedder.embedding_table.weight"].shape[0] - 1
+        channels = original["x_embedder.proj.weight"].shape[1]
+        model = build_transformer(arch, sample_size=image_size // 8, in_channels=channels, num_classes=classes)
+        state = convert_dit_state(original, len(model.transformer_blocks))
+    except KeyError as err:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint in facebookresearch/DiT's layout; missing key {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint ({err})") from err
     use_original_timestep_embedding(model)
     log.info("converted %s: %d block linears", checkpoint, len(block_linear_names(model)))
     return model.eval()
@@ -258,10 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("download")
     p.add_argument("--url", required=True)
     p.add_argument("--sha256", default="")
+    p.add_argument("--size", type=int, default=0, help="expected bytes (0: not checked)")
     p.add_argument("--output", required=True)
     p = sub.add_parser("verify", help="check a downloaded (or hand-placed) file before its first use")
     p.add_argument("--file", required=True)
     p.add_argument("--sha256", default="")
+    p.add_argument("--size", type=int, default=0, help="expected bytes (0: not checked)")
     p.add_argument("--output", required=True, help="marker file: the file's sha256")
 
 
@@ -282,7 +302,8 @@ def run(args: argparse.Namespace) -> None:
         model = convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None)
         save_converted(model, output, args.checkpoint)
     elif args.what == "verify":
-        atomic_write_json(output, {"file": args.file, "sha256": verify(Path(args.file), args.sha256 or None)})
+        sha256 = verify(Path(args.file), args.sha256 or None, args.size or None)
+        atomic_write_json(output, {"file": args.file, "sha256": sha256})
     else:
-        download(args.url, output, args.sha256 or None)
+        download(args.url, output, args.sha256 or None, args.size or None)
     log.info("prepared %s in %.1f s", output, time.perf_counter() - start)

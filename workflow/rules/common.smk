@@ -80,7 +80,7 @@ def shard_range(wildcards):
 
 
 def downloads():
-    """Every file the preset downloads: resources path -> {url, sha256}."""
+    """Every file the preset downloads: resources path -> {url, sha256, size (optional)}."""
     files = {}
     for model in DOWNLOADED:
         files[f"checkpoints/{model}.pt"] = MODELS[model]["checkpoint"]

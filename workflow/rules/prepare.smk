@@ -61,6 +61,7 @@ rule download:
     params:
         url=lambda wc: DOWNLOADS[wc.download]["url"],
         sha256=lambda wc: DOWNLOADS[wc.download].get("sha256") or "",
+        size=lambda wc: DOWNLOADS[wc.download].get("size", 0),
     localrule: True
     retries: 3
     log:
@@ -70,7 +71,7 @@ rule download:
     conda:
         "../../envs/vq4dit.yaml"
     shell:
-        "python -m vq4dit prepare download --url {params.url:q} --sha256 '{params.sha256}'"
+        "python -m vq4dit prepare download --url {params.url:q} --sha256 '{params.sha256}' --size {params.size}"
         " --output {output} > {log} 2>&1"
 
 
@@ -83,6 +84,7 @@ rule verify_download:
         download=alternation(DOWNLOADS),
     params:
         sha256=lambda wc: DOWNLOADS[wc.download].get("sha256") or "",
+        size=lambda wc: DOWNLOADS[wc.download].get("size", 0),
     localrule: True
     log:
         "logs/verify/{download}.log",
@@ -91,7 +93,8 @@ rule verify_download:
     conda:
         "../../envs/vq4dit.yaml"
     shell:
-        "python -m vq4dit prepare verify --file {input} --sha256 '{params.sha256}' --output {output} > {log} 2>&1"
+        "python -m vq4dit prepare verify --file {input} --sha256 '{params.sha256}' --size {params.size}"
+        " --output {output} > {log} 2>&1"
 
 
 rule convert_checkpoint:
