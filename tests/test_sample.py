@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from vq4dit.sample import generate_shard, guided_output, image_generator, labels_for, space_timesteps, to_uint8
+import subprocess
+import sys
+
+from diffusers import DDPMScheduler
+
+from vq4dit.models import build_transformer
+from vq4dit.sample import (
+    RespacedDiffusion, generate_shard, guided_output, image_generator, labels_for, sample_batch, space_timesteps,
+    to_uint8,
+)
 
 
 def test_space_timesteps_follows_the_published_rule():
@@ -64,3 +73,78 @@ def test_bf16_autocast_stays_close_and_precision_is_checked(tiny_dit):
     assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 8
     with pytest.raises(ValueError, match="fp16"):
         generate_shard(tiny_dit, None, 0, 0, 2, 2, steps=3, cfg_scale=1.5, cfg_channels=None, precision="fp16")
+
+
+def improved_ddpm_tables(use_timesteps: set[int]) -> dict[str, np.ndarray]:
+    """improved-DDPM (openai/improved-diffusion) in float64: linear betas, SpacedDiffusion's respaced betas, then
+    GaussianDiffusion's tables computed from those betas."""
+    alphas_cumprod = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    last, betas = 1.0, []
+    for i, alpha_cumprod in enumerate(alphas_cumprod):
+        if i in use_timesteps:
+            betas.append(1 - alpha_cumprod / last)
+            last = alpha_cumprod
+    betas = np.array(betas, dtype=np.float64)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+    return {
+        "sqrt_recip": np.sqrt(1.0 / ac), "sqrt_recipm1": np.sqrt(1.0 / ac - 1),
+        "coef1": betas * np.sqrt(ac_prev) / (1.0 - ac), "coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        "log_var_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])), "log_betas": np.log(betas),
+    }
+
+
+def improved_ddpm_step(tables, index, x, eps, var_value, noise):
+    """p_sample of a learned-range epsilon model: each table entry cast to float32 (``_extract_into_tensor``)."""
+    at = {k: torch.tensor(v[index], dtype=torch.float32) for k, v in tables.items()}
+    frac = (var_value + 1) / 2
+    log_variance = frac * at["log_betas"] + (1 - frac) * at["log_var_clipped"]
+    pred_xstart = at["sqrt_recip"] * x - at["sqrt_recipm1"] * eps
+    mean = at["coef1"] * pred_xstart + at["coef2"] * x
+    return mean + float(index != 0) * torch.exp(0.5 * log_variance) * noise
+
+
+@pytest.mark.parametrize("steps", [4, 50, 250])
+def test_respaced_step_is_improved_ddpms_float64_schedule(steps):
+    kept = space_timesteps(1000, [steps])
+    tables, diffusion = improved_ddpm_tables(set(kept)), RespacedDiffusion(kept)
+    assert diffusion.timesteps == kept[::-1]
+    gen = torch.Generator().manual_seed(steps)
+    for index in (len(kept) - 1, len(kept) // 2, 1, 0):
+        x, out = torch.randn(3, 1, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen).clamp(-1, 1)
+        seeds = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+        noise = torch.cat([torch.randn(1, 1, 4, 4, generator=g) for g in seeds])
+        ours = diffusion.step(out, kept[index], x, [torch.Generator().manual_seed(10 + i) for i in range(3)])
+        expected = improved_ddpm_step(tables, index, x, out[:, :1], out[:, 1:], noise)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=3e-7)  # bit-exact here; diffusers: up to 1e-5 off
+
+
+def test_float64_schedule_differs_from_diffusers_float32_only_by_rounding():
+    """diffusers' DDPMScheduler takes the same step from float32 tables: equal up to float32 rounding."""
+    kept = space_timesteps(1000, [50])
+    scheduler = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, variance_type="learned_range",
+                              clip_sample=False, prediction_type="epsilon")
+    scheduler.set_timesteps(timesteps=kept[::-1])
+    ab64 = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    relative = np.abs(scheduler.alphas_cumprod.double().numpy() - ab64) / ab64
+    assert relative.max() > 1e-7  # the float32 cumulative product drifts ...
+    diffusion, x = RespacedDiffusion(kept), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    for t in (kept[-1], kept[1]):  # ... but the step is the same formula
+        theirs = scheduler.step(out, t, x, generator=[torch.Generator().manual_seed(i) for i in range(2)]).prev_sample
+        ours = diffusion.step(out, t, x, [torch.Generator().manual_seed(i) for i in range(2)])
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_guidance_below_one_is_refused(tiny_dit):
+    with pytest.raises(ValueError, match="cfg_scale 0.5.*>= 1"):
+        sample_batch(tiny_dit, torch.tensor([1]), [image_generator(0, 0)], steps=2, cfg_scale=0.5)
+    cli = subprocess.run([sys.executable, "-m", "vq4dit", "sample", "--cfg-scale", "0.5"], capture_output=True, text=True)
+    assert cli.returncode == 2 and "--cfg-scale" in cli.stderr and ">= 1" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_every_layer_norm_has_dits_eps():
+    norms = [m for m in build_transformer("DiT-digits", 8, 1, 10).modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 4 * 2 + 1 and all(m.eps == 1e-6 for m in norms)  # per block: before attention and MLP

@@ -27,10 +27,15 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
+#: eps of every LayerNorm in DiT (diffusers' default for the pre-MLP norm is 1e-5)
+DIT_NORM_EPS = 1e-6
+
+
 def build_transformer(
     arch: str, sample_size: int, in_channels: int, num_classes: int, learn_sigma: bool = True
 ) -> DiTTransformer2DModel:
-    """A randomly initialised DiT of a named architecture (``learn_sigma`` doubles the output channels)."""
+    """A randomly initialised DiT of a named architecture (``learn_sigma`` doubles the output channels), with
+    DiT's LayerNorm eps 1e-6 everywhere (diffusers' ``norm_eps`` is the pre-MLP norm's; the others are 1e-6)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     return DiTTransformer2DModel(
@@ -40,6 +45,7 @@ def build_transformer(
         sample_size=sample_size,
         num_embeds_ada_norm=num_classes,
         norm_num_groups=1,
+        norm_eps=DIT_NORM_EPS,
     )
 
 

@@ -34,7 +34,7 @@ from vq4dit.models import (
     block_linear_names, build_transformer, save_converted, tie_embedders, untie_embedders,
     use_original_timestep_embedding,
 )
-from vq4dit.sample import make_scheduler
+from vq4dit.sample import training_betas
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,9 @@ class HybridLoss:
     """
 
     def __init__(self):
-        s = make_scheduler()
-        ab = s.alphas_cumprod.double()
+        betas = torch.from_numpy(training_betas())
+        ab = torch.cumprod(1 - betas, dim=0)
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        betas = s.betas.double()
         post_var = betas * (1 - ab_prev) / (1 - ab)
         self.ab = ab.float()
         self.log_beta = torch.log(betas).float()

@@ -2,8 +2,10 @@
 
 The sampler follows DiT's evaluation (``sample_ddp.py``): 1000 training steps respaced by
 ``space_timesteps``, learned-range variance, classifier-free guidance on a doubled batch with the
-null label, and only the conditional half kept. diffusers' ``DDPMScheduler`` with custom timesteps
-does the respaced step (its respaced beta and learned-range variance are improved-DDPM's).
+null label, and only the conditional half kept. The schedule is improved-DDPM's (``RespacedDiffusion``):
+every coefficient computed in float64, then cast to float32 as DiT does. diffusers' ``DDPMScheduler``
+takes the same step but derives the respaced beta ``1 - ᾱ_t/ᾱ_prev`` and the posterior variance in
+float32 from float32 ᾱ (about 1e-3 relative off near t = 0), so the step is written here.
 Image ``i`` draws its label, initial noise and per-step noise from one generator seeded by
 (``seed``, ``i``) only, so samples do not depend on the shard size or the batch size.
 """
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
 from vq4dit.io import progress, atomic_savez, resolve_device
 from vq4dit.models import num_classes
@@ -25,19 +26,61 @@ from vq4dit.quantize import load_quantized_transformer
 log = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
 
 
-def make_scheduler() -> DDPMScheduler:
-    """DiT's training diffusion: linear betas 1e-4..0.02 over 1000 steps, epsilon prediction, learned range."""
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="linear",
-        beta_start=1e-4,
-        beta_end=0.02,
-        variance_type="learned_range",
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
+def training_betas() -> np.ndarray:
+    """DiT's training diffusion: linear betas 1e-4..0.02 over 1000 steps, in float64 (improved DDPM's "linear")."""
+    return np.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=np.float64)
+
+
+class RespacedDiffusion:
+    """improved-DDPM's ``SpacedDiffusion`` over the kept ``timesteps``: learned-range variance, epsilon prediction.
+
+    Respaced betas ``1 - ᾱ_t/ᾱ_prev``, posterior mean coefficients and the clipped posterior log-variance
+    are computed in float64 from the float64 training schedule, then cast to float32 (as DiT's
+    ``_extract_into_tensor``). ``timesteps`` are the original indices, descending (the model sees those).
+    """
+
+    def __init__(self, timesteps: list[int], device: torch.device | str = "cpu"):
+        kept = sorted(timesteps)
+        ab = np.cumprod(1.0 - training_betas())[kept]
+        ab_prev = np.append(1.0, ab[:-1])
+        betas = 1.0 - ab / ab_prev
+        post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+        # entry 0 is replaced by entry 1 (improved DDPM); with one step it is unused (the last step adds no noise)
+        clipped = np.append(post_var[1] if len(kept) > 1 else betas[0], post_var[1:])
+        coefs = {
+            "sqrt_recip_ab": np.sqrt(1.0 / ab), "sqrt_recipm1_ab": np.sqrt(1.0 / ab - 1.0),
+            "mean_x0": betas * np.sqrt(ab_prev) / (1.0 - ab), "mean_xt": (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab),
+            "min_log": np.log(clipped), "max_log": np.log(betas),
+        }
+        self.coefs = {k: torch.from_numpy(v).to(device=device, dtype=torch.float32) for k, v in coefs.items()}
+        self.timesteps = kept[::-1]
+        self.index = {t: i for i, t in enumerate(kept)}
+
+    def step(self, model_output: torch.Tensor, t: int, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """x_{prev} from x_t and the model's (epsilon, variance value) output; no noise at the last step.
+
+        Noise of image ``i`` comes from ``generators[i]`` (drawn on the CPU, as diffusers' ``randn_tensor``).
+        """
+        c = {k: v[self.index[int(t)]] for k, v in self.coefs.items()}
+        eps, var_value = model_output.split(x.shape[1], dim=1)
+        x0 = c["sqrt_recip_ab"] * x - c["sqrt_recipm1_ab"] * eps
+        mean = c["mean_x0"] * x0 + c["mean_xt"] * x
+        if self.index[int(t)] == 0:
+            return mean
+        frac = (var_value + 1) / 2
+        log_variance = frac * c["max_log"] + (1 - frac) * c["min_log"]
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generators]).to(x.device)
+        return mean + torch.exp(0.5 * log_variance) * noise
+
+
+def check_cfg_scale(cfg_scale: float) -> float:
+    """DiT guides only above 1 (1 = no guidance); a scale below 1 is refused."""
+    if cfg_scale < 1:
+        raise ValueError(f"cfg_scale {cfg_scale}: classifier-free guidance scale must be >= 1 (1 = no guidance), as in DiT")
+    return cfg_scale
 
 
 def space_timesteps(num_timesteps: int, section_counts: list[int]) -> list[int]:
@@ -91,13 +134,12 @@ def sample_batch(
     """Run the respaced DDPM sampler; returns final samples (model space). ``hook(t, x)`` sees each model input."""
     device = next(model.parameters()).device
     cfg = model.config
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(timesteps=space_timesteps(NUM_TRAIN_TIMESTEPS, [steps])[::-1], device=device)
+    scheduler = RespacedDiffusion(space_timesteps(NUM_TRAIN_TIMESTEPS, [steps]), device)
     shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
     labels = labels.to(device)
     null = torch.full_like(labels, num_classes(model))
-    guided = cfg_scale != 1.0
+    guided = check_cfg_scale(cfg_scale) > 1.0
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         class_in = torch.cat([labels, null]) if guided else labels
@@ -107,7 +149,7 @@ def sample_batch(
         out = model(model_in, timestep=t_in, class_labels=class_in).sample.float()
         if guided:
             out = guided_output(out, cfg.in_channels, cfg_scale, cfg_channels)
-        x = scheduler.step(out, t, x, generator=generators).prev_sample
+        x = scheduler.step(out, t, x, generators)
     return x
 
 
@@ -176,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantized", required=True, help="packed model of the setting (quantize stage output)")
     parser.add_argument("--vae", default="", help="diffusers VAE folder; empty for pixel-space models")
     parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--cfg-scale", type=float, required=True)
+    parser.add_argument("--cfg-scale", type=cfg_scale_arg, required=True, help="guidance scale >= 1 (1: none)")
     parser.add_argument("--cfg-channels", type=int, default=None, help="guided noise channels (default: all)")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--start", type=int, required=True, help="global index of the shard's first image")
@@ -186,6 +228,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True, help=".npz with arr_0 (uint8 NHWC) and labels")
+
+
+def cfg_scale_arg(text: str) -> float:
+    """``--cfg-scale``: a float >= 1, else argparse's one-line usage error."""
+    try:
+        return check_cfg_scale(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def run(args: argparse.Namespace) -> None:
