@@ -234,7 +234,7 @@ def _features(rng, n, shift=0.0):
 
 
 def _run_cli(samples, reference, output, *extra):
-    main(["metrics", "--features", str(samples), "--reference", str(reference),
+    main(["--debug", "metrics", "--features", str(samples), "--reference", str(reference),
           "--output", str(output), *extra])
 
 
@@ -245,7 +245,9 @@ def test_cli_end_to_end(rng, tmp_path):
     out = tmp_path / "out" / "metrics.json"
     _run_cli(tmp_path / "samples.npz", tmp_path / "ref.npz", out, "--split-size", "20", "--k", "2")
     result = json.loads(out.read_text())
-    assert sorted(result) == sorted(["fid", "sfid", "is", "precision", "recall", "n_samples", "n_reference"])
+    assert sorted(result) == sorted(["fid", "sfid", "is", "precision", "recall", "n_samples", "n_reference",
+                                     "subsets"])
+    assert result["subsets"] == []
     assert result["n_samples"] == 60 and result["n_reference"] == 80
     assert result["fid"] == pytest.approx(
         metrics.fid_from_features(samples["pool"], reference["pool"]))
@@ -303,3 +305,25 @@ def test_cli_unreadable_file_and_row_mismatch(rng, tmp_path):
     np.savez(tmp_path / "short.npz", **samples)
     with pytest.raises(ValueError, match=r"short\.npz: 'logits' has shape \(10, 5\)"):
         _run_cli(tmp_path / "short.npz", tmp_path / "ref.npz", tmp_path / "m.json")
+
+
+def test_cli_metrics_at_the_first_n_samples_too(rng, tmp_path):
+    samples, reference = _features(rng, 60, shift=0.5), _features(rng, 80)
+    samples["pool"][40:] += 3.0  # the last 20 images differ: the first 40 must score better
+    np.savez(tmp_path / "samples.npz", **samples)
+    np.savez(tmp_path / "ref.npz", **reference)
+    out = tmp_path / "metrics.json"
+    _run_cli(tmp_path / "samples.npz", tmp_path / "ref.npz", out, "--split-size", "20", "--k", "2",
+             "--sample-counts", "40", "60")
+    result = json.loads(out.read_text())
+    assert result["n_samples"] == 60 and [s["n_samples"] for s in result["subsets"]] == [40]  # 60 = all
+    first = {key: value[:40] for key, value in samples.items()}
+    subset = result["subsets"][0]
+    assert subset["fid"] == pytest.approx(metrics.fid_from_features(first["pool"], reference["pool"]))
+    assert subset["sfid"] == pytest.approx(metrics.fid_from_features(first["spatial"], reference["spatial"]))
+    assert subset["is"] == pytest.approx(metrics.inception_score(first["logits"], 20))
+    assert (subset["precision"], subset["recall"]) == pytest.approx(
+        metrics.precision_recall(reference["pool"], first["pool"], k=2))
+    assert subset["fid"] < result["fid"]
+    with pytest.raises(ValueError, match=r"samples\.npz: sample counts \[61\].*metrics.sample_counts"):
+        _run_cli(tmp_path / "samples.npz", tmp_path / "ref.npz", out, "--sample-counts", "61")

@@ -32,8 +32,10 @@ def results(tmp_path):
             path = tmp_path / "metrics" / "m" / setting / f"steps{steps}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             fid = 10.0 if method == "fp" else 40.0
+            first_40 = {"fid": fid + steps + (3 if method == "fp" else 5), "sfid": 1.5, "is": 1.5, "precision": 0.4,
+                        "recall": 0.3, "n_samples": 40}  # the metrics on the first 40 of the 100 samples
             path.write_text(json.dumps({"fid": fid + steps, "sfid": 1.0, "is": 2.0, "precision": 0.5,
-                                        "recall": 0.4, "n_samples": 100, "n_reference": 50}))
+                                        "recall": 0.4, "n_samples": 100, "n_reference": 50, "subsets": [first_40]}))
             metrics.append(str(path))
     return tmp_path, metrics, infos
 
@@ -41,12 +43,14 @@ def results(tmp_path):
 def test_table_has_one_row_per_setting_and_steps(results):
     _, metrics, infos = results
     table = build_table(metrics, infos, cfg_scale=1.5)
-    assert len(table) == 4
-    assert list(table[["setting", "steps"]].itertuples(index=False, name=None)) == [
-        ("fp", 25), ("rtn-w2", 25), ("fp", 50), ("rtn-w2", 50)]
-    row = table[(table.setting == "rtn-w2") & (table.steps == 50)].iloc[0]
+    assert len(table) == 8  # (setting, steps) x sample counts (40 first, all 100)
+    assert list(table[["n_samples", "setting", "steps"]].itertuples(index=False, name=None))[:4] == [
+        (40, "fp", 25), (40, "rtn-w2", 25), (40, "fp", 50), (40, "rtn-w2", 50)]
+    row = table[(table.setting == "rtn-w2") & (table.steps == 50) & (table.n_samples == 100)].iloc[0]
     assert row["fid"] == 90.0 and row["bits_per_weight"] == 2.0 and row["cfg_scale"] == 1.5
     assert row["delta_fid_fp"] == 30.0 and pd.isna(row["n_candidates"])  # scalar method: no candidates
+    first = table[(table.setting == "rtn-w2") & (table.steps == 50) & (table.n_samples == 40)].iloc[0]
+    assert first["fid"] == 95.0 and first["delta_fid_fp"] == 32.0 and first["n_reference"] == 50
 
 
 def test_comparison_table_places_paper_numbers_by_setting_resolution_and_steps(results, tmp_path):
@@ -54,6 +58,7 @@ def test_comparison_table_places_paper_numbers_by_setting_resolution_and_steps(r
     (tmp_path / "paper.csv").write_text(PAPER)
     paper = read_paper(str(tmp_path / "paper.csv"))
     table = comparison_table(build_table(metrics, infos, 1.5), paper, resolution=256)
+    assert "ours (all)" not in table.columns.get_level_values("source")  # no paper count: all samples only
     fp = table.loc[("fp", "fp", 32.0)]
     assert fp[("50 steps", "FID↓", "ours")] == 60.0 and fp[("50 steps", "FID↓", "paper")] == 55.0
     assert fp[("50 steps", "FID↓", "Δ")] == 5.0 and np.isnan(fp[("25 steps", "FID↓", "paper")])
@@ -61,6 +66,13 @@ def test_comparison_table_places_paper_numbers_by_setting_resolution_and_steps(r
     assert table.loc[("rtn-w2", "rtn", 2.0)][("50 steps", "ΔFID(FP)", "ours")] == 30.0
     assert np.isnan(comparison_table(build_table(metrics, infos, 1.5), paper, resolution=512)
                     .loc[("fp", "fp", 32.0)][("50 steps", "FID↓", "paper")])
+    at_40 = comparison_table(build_table(metrics, infos, 1.5), paper, resolution=256, paper_count=40)
+    fp = at_40.loc[("fp", "fp", 32.0)]
+    assert (fp[("50 steps", "FID↓", "ours")], fp[("50 steps", "FID↓", "ours (all)")]) == (63.0, 60.0)
+    assert fp[("50 steps", "FID↓", "Δ")] == 8.0 and fp[("50 steps", "IS↑", "ours")] == 1.5
+    assert at_40.loc[("rtn-w2", "rtn", 2.0)][("50 steps", "ΔFID(FP)", "ours")] == 32.0
+    with pytest.raises(ValueError, match="paper's sample count 10000.*metrics.sample_counts"):
+        comparison_table(build_table(metrics, infos, 1.5), paper, resolution=256, paper_count=10000)
     notes = unmatched_paper_rows(paper, 256, ["fp", "rtn-w2"])
     assert sorted(notes["method"]) == ["GPTQ", "RTN"]
 
@@ -107,14 +119,17 @@ def test_tables_and_plots_commands_write_their_files(results):
 
     common = ["--metrics", *metrics, "--infos", *infos, "--cfg-scale", "1.5"]
     subprocess.run([sys.executable, "-m", "vq4dit", "tables", "metrics", *common, *formats("t")], check=True)
-    assert pd.read_csv(out / "t.csv").shape[0] == 4
+    assert pd.read_csv(out / "t.csv").shape[0] == 8 and "|   N |" in (out / "t.md").read_text()
     assert "FID" in (out / "t.md").read_text() and r"\toprule" in (out / "t.tex").read_text()
     (root / "paper.csv").write_text(PAPER)
     subprocess.run([sys.executable, "-m", "vq4dit", "tables", "paper", *common, "--paper", str(root / "paper.csv"),
-                    "--resolution", "256", "--runs", str(out / "runs.csv"), *formats("paper")], check=True)
+                    "--resolution", "256", "--paper-count", "40", "--runs", str(out / "runs.csv"), *formats("paper")],
+                   check=True)
     long = pd.read_csv(out / "paper.csv")
     cell = long[(long.setting == "fp") & (long.group == "50 steps") & (long.quantity == "FID↓")]
-    assert dict(zip(cell.source, cell.value)) == {"ours": 60.0, "paper": 55.0, "Δ": 5.0}
+    assert dict(zip(cell.source, cell.value)) == {"ours": 63.0, "paper": 55.0, "Δ": 8.0, "ours (all)": 60.0}
+    assert "ours at the first 40 samples, ours (all) at 100" in (out / "paper.md").read_text()
+    assert (pd.read_csv(out / "runs.csv")["n_samples"] == 40).all()
     assert "GPTQ" in (out / "paper.md").read_text() and r"\multicolumn" in (out / "paper.tex").read_text()
     subprocess.run([sys.executable, "-m", "vq4dit", "plots", "tradeoff", "--table", str(out / "runs.csv"),
                     "--model", "m", "--paper", str(root / "paper.csv"), "--resolution", "256",

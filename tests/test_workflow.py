@@ -103,6 +103,12 @@ def test_bad_settings_row_fails_before_any_job(workdir, row, message):
     assert not (workdir / "results").exists()
 
 
+def test_sample_count_above_n_samples_fails_before_any_job(workdir):
+    config = write_config(workdir, "counts.yaml", metrics={"sample_counts": [900]})
+    code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
+    assert code != 0 and "metrics.sample_counts" in output and "n_samples = 800" in output
+
+
 def test_unknown_setting_id_in_config_is_named(workdir):
     config = write_config(workdir, "bad.yaml", settings=["fp", "vq-nope"])
     code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
@@ -121,15 +127,18 @@ def test_smoke_run_end_to_end(workdir):
         settings=["fp", "rtn-w2", "vq4dit-w2"],
         ablation_candidates={"settings": ["vq-codebook-w2", "vq4dit-w2"], "steps": [4]},
         calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
+        metrics={"sample_counts": [24]},  # 120 x 10k/50k
     )
     settings = yaml.safe_load((workdir / config).read_text())["settings"]
     snakemake(workdir, "--cores", "2", "--configfile", config)
     csv = workdir / "results/smoke/tables/metrics.csv"
     table = pd.read_csv(csv)
-    runs = [(s, n) for s in settings for n in (4, 8)] + [("vq-codebook-w2", 4)]
-    assert sorted(zip(table.setting, table.steps)) == sorted(runs)
+    runs = [(s, n, c) for s in settings for n in (4, 8) for c in (24, 120)] + [("vq-codebook-w2", 4, c) for c in (24, 120)]
+    assert sorted(zip(table.setting, table.steps, table.n_samples)) == sorted(runs)
     metrics = ["fid", "sfid", "is", "precision", "recall"]
-    assert np.isfinite(table[metrics].to_numpy()).all() and (table.n_samples == 120).all()
+    assert np.isfinite(table[metrics].to_numpy()).all()
+    paper = pd.read_csv(workdir / "results/smoke/tables/paper-digits.csv")
+    assert {"ours", "ours (all)"} <= set(paper["source"])
     for name in ("plots/tradeoff-digits.png", "plots/tradeoff-digits.pdf", "plots/samples/digits-steps4.png",
                  "plots/calibration-digits.png", "tables/metrics.md", "tables/metrics.tex", "tables/paper-digits.html",
                  "tables/ablation-candidates.md"):

@@ -8,7 +8,10 @@ differently, the function's docstring says how.
 
 Stage command line::
 
-    python -m vq4dit metrics --features SAMPLES.npz --reference REF.npz --output METRICS.json
+    python -m vq4dit metrics --features SAMPLES.npz --reference REF.npz [--sample-counts N ...] --output METRICS.json
+
+FID is biased by the sample count, so numbers are comparable only at equal counts: ``--sample-counts``
+adds the metrics of the first N images of the same feature file (the paper evaluates 10,000 samples).
 """
 
 import argparse
@@ -279,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-size", type=int, default=5000,
                         help="Inception Score chunk size (ADM: 5000)")
     parser.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood size")
+    parser.add_argument("--sample-counts", type=int, nargs="*", default=[],
+                        help="also compute every metric on the first N samples, for each N (e.g. the paper's 10000)")
     parser.add_argument("--device", default="auto",
                         help="torch device for the precision/recall distances (auto: CUDA when present)")
 
@@ -345,17 +350,34 @@ def _timed(name: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def _fid(samples: FeatureFile, key: str, reference: FeatureFile, stat_keys: tuple[str, str],
-         n_samples: int) -> float:
-    """Fréchet distance of ``samples[key]`` (sample first, as ADM) to the reference statistics."""
-    stats = feature_statistics(samples.rows(key, n_samples), f"{samples.path}:{key}")
-    return frechet_distance(*stats, *reference.statistics(*stat_keys, key))
+def _sample_metrics(source: Path, pool: np.ndarray, spatial: np.ndarray, logits: np.ndarray, reference_stats: dict,
+                    ref_pool: np.ndarray, split_size: int, k: int, device: str) -> dict[str, float | int]:
+    """The five metrics of one set of sample features (rows aligned; from file ``source``) against the reference."""
+    n = len(pool)
+    precision, recall = _timed(f"precision, recall (n={n})", lambda: precision_recall(ref_pool, pool, k=k,
+                                                                                      device=device))
+    return {
+        "fid": _timed(f"FID (n={n})", lambda: frechet_distance(
+            *feature_statistics(pool, f"{source}:pool"), *reference_stats["pool"])),
+        "sfid": _timed(f"sFID (n={n})", lambda: frechet_distance(
+            *feature_statistics(spatial, f"{source}:spatial"), *reference_stats["spatial"])),
+        "is": _timed(f"IS (n={n})", lambda: inception_score(logits, split_size)),
+        "precision": precision,
+        "recall": recall,
+        "n_samples": n,
+    }
 
 
 def compute_metrics(
-    samples: FeatureFile, reference: FeatureFile, split_size: int, k: int, device: str
-) -> dict[str, float | int]:
-    """All five metrics of a sample feature file against a reference feature file."""
+    samples: FeatureFile, reference: FeatureFile, split_size: int, k: int, device: str,
+    sample_counts: list[int] = (),
+) -> dict[str, Any]:
+    """All five metrics of a sample feature file against a reference feature file.
+
+    Top level: on all samples. ``subsets``: the same metrics on the first ``N`` samples (by global image
+    index, i.e. the order of the feature file) for each ``N`` of ``sample_counts`` below the sample count
+    (an ``N`` equal to it is the top level); the reference is always whole.
+    """
     samples.require("pool", "spatial", "logits")
     reference.require("pool")
     for mu_key, sigma_key, features_key in STATISTICS_KEYS:
@@ -363,27 +385,30 @@ def compute_metrics(
             reference.require(mu_key, sigma_key)
         else:
             reference.require(features_key)
-    pool, ref_pool = samples["pool"], reference["pool"]
-    n_samples, n_reference = len(pool), len(ref_pool)
-    precision, recall = _timed("precision, recall", lambda: precision_recall(
-        ref_pool, pool, k=k, device=device))
-    del pool, ref_pool
-    return {
-        "fid": _timed("FID", lambda: _fid(samples, "pool", reference, ("mu", "sigma"), n_samples)),
-        "sfid": _timed("sFID", lambda: _fid(
-            samples, "spatial", reference, ("mu_s", "sigma_s"), n_samples)),
-        "is": _timed("IS", lambda: inception_score(samples.rows("logits", n_samples), split_size)),
-        "precision": precision,
-        "recall": recall,
-        "n_samples": n_samples,
-        "n_reference": n_reference,
-    }
+    pool = samples["pool"]
+    n_samples = len(pool)
+    too_many = [n for n in sample_counts if n > n_samples or n < k + 1]
+    if too_many:
+        raise ValueError(f"{samples.path}: sample counts {too_many} are not between k + 1 = {k + 1} and the "
+                         f"{n_samples} samples of the file (config key metrics.sample_counts)")
+    spatial, logits = samples.rows("spatial", n_samples), samples.rows("logits", n_samples)
+    reference_stats = {features_key: reference.statistics(mu_key, sigma_key, features_key)
+                       for mu_key, sigma_key, features_key in STATISTICS_KEYS}
+    ref_pool = reference["pool"]
+    metrics: dict[str, Any] = _sample_metrics(samples.path, pool, spatial, logits, reference_stats, ref_pool, split_size, k, device)
+    metrics["n_reference"] = len(ref_pool)
+    metrics["subsets"] = [
+        _sample_metrics(samples.path, pool[:n], spatial[:n], logits[:n], reference_stats, ref_pool, split_size, k, device)
+        for n in sorted(set(sample_counts)) if n < n_samples
+    ]
+    return metrics
 
 
 def run(args: argparse.Namespace) -> None:
     """Compute the metrics of ``--features`` against ``--reference`` and write ``--output``."""
     logger.info("metrics of %s against %s", args.features, args.reference)
     with FeatureFile(args.features) as samples, FeatureFile(args.reference) as reference:
-        metrics = compute_metrics(samples, reference, args.split_size, args.k, resolve_device(args.device))
+        metrics = compute_metrics(samples, reference, args.split_size, args.k, resolve_device(args.device),
+                                  args.sample_counts)
     atomic_write_json(args.output, metrics)
     logger.info("wrote %s", args.output)

@@ -1,12 +1,14 @@
 """Tables stage: the tidy table of every run, the paper-layout tables next to the paper's numbers, the
 candidate-count ablation and the per-job benchmark records; each as CSV, Markdown, LaTeX (booktabs) and HTML.
 
-- ``tables metrics``: one row per (model, setting, steps); model, setting and steps come from the
-  metrics file's path (``…/metrics/<model>/<setting>/steps<N>.json``), sizes and timings from the
-  quantize stage; ``delta_fid_fp`` is FID minus our own FP run's FID (same model, steps, protocol).
+- ``tables metrics``: one row per (model, setting, steps, n_samples): all samples and each first-N subset of
+  the metrics file; model, setting and steps come from the metrics file's path
+  (``…/metrics/<model>/<setting>/steps<N>.json``), sizes and timings from the quantize stage;
+  ``delta_fid_fp`` is FID minus our own FP run's FID (same model, steps, sample count, protocol).
 - ``tables paper``: the paper's layout for one model (rows = method x bits, column groups = sampling
   steps, metrics FID sFID IS Precision, plus size and calibration time), every cell as ours / paper /
-  Δ (ours - paper). Paper numbers come from ``config/paper_results.csv`` matched on (setting,
+  Δ (ours - paper), ours at the paper's sample count (``--paper-count``) with "ours (all)" beside it, on all
+  samples. Paper numbers come from ``config/paper_results.csv`` matched on (setting,
   resolution, steps); sizes do not depend on resolution or steps and match on setting alone.
 - ``tables ablation``: the same layout for the candidate-count ablation (rows = n).
 - ``tables benchmarks``: Snakemake's benchmark records of every job (time, memory).
@@ -85,33 +87,36 @@ def n_candidates(setting: dict) -> int | None:
     return 1 if setting["method"].startswith("vq-") else None
 
 
-def metrics_row(path: str) -> dict:
-    keys = parse(path, METRICS_PATH)
-    return {**keys, "steps": int(keys["steps"]), **read_json(path)}
+def metrics_rows(path: str) -> list[dict]:
+    """One row for all samples and one per first-N subset (``subsets`` of the metrics file)."""
+    keys, metrics = parse(path, METRICS_PATH), read_json(path)
+    subsets = metrics.pop("subsets", [])
+    return [{**keys, "steps": int(keys["steps"]), **metrics, **subset} for subset in [{}, *subsets]]
 
 
 def build_table(metric_paths: list[str], info_paths: list[str], cfg_scale: float) -> pd.DataFrame:
-    """Join metrics with quantization info; stable row order (model, steps, settings as given)."""
+    """Join metrics with quantization info; stable row order (model, sample count, steps, settings as given)."""
     infos = pd.DataFrame([info_row(p) for p in info_paths])
-    metrics = pd.DataFrame([metrics_row(p) for p in metric_paths])
+    metrics = pd.DataFrame([row for p in metric_paths for row in metrics_rows(p)])
     table = metrics.merge(infos, on=["model", "setting"], how="left", validate="many_to_one")
     missing = table.loc[table["method"].isna(), "setting"].unique().tolist()
     if missing:
         raise ValueError(f"no quantize info for settings {missing}")
     table["cfg_scale"] = cfg_scale
-    fp_fid = table[table["method"] == "fp"].set_index(["model", "steps"])["fid"]
-    table["delta_fid_fp"] = table["fid"] - [fp_fid.get((m, s), float("nan")) for m, s in zip(table.model, table.steps)]
+    run = ["model", "steps", "n_samples"]
+    fp_fid = table[table["method"] == "fp"].set_index(run)["fid"]
+    table["delta_fid_fp"] = table["fid"] - [fp_fid.get(key, float("nan")) for key in zip(*(table[c] for c in run))]
     order = table["setting"].map({s: i for i, s in enumerate(dict.fromkeys(infos["setting"]))})
-    table = table.assign(order=order).sort_values(["model", "steps", "order"], kind="stable").drop(columns="order")
+    table = table.assign(order=order).sort_values(["model", "n_samples", "steps", "order"], kind="stable").drop(columns="order")
     extra = [c for c in table.columns if c not in COLUMNS]
     return table[COLUMNS + extra].reset_index(drop=True)
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-facing columns of the tidy table, rounded, with metric arrows."""
-    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "steps", *DISPLAY, "delta_fid_fp",
+    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "steps", "n_samples", *DISPLAY, "delta_fid_fp",
                    "block_mse", "calibration_seconds"]]
-    names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "delta_fid_fp": "ΔFID(FP)",
+    names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "n_samples": "N", "delta_fid_fp": "ΔFID(FP)",
              "block_mse": "block MSE", "calibration_seconds": "calib. s"}
     return shown.rename(columns=names).round(
         {"bits/w": 2, "MB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3, "ΔFID(FP)": 2, "calib. s": 1}
@@ -141,14 +146,33 @@ def _paper_lookup(paper: pd.DataFrame, resolution: int | None) -> tuple[dict, di
     return metrics, sizes
 
 
+def at_sample_count(table: pd.DataFrame, count: int | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The rows at sample count ``count`` and, when that is not every sample, the all-samples rows (else None).
+
+    ``count`` None: the all-samples rows only. A run without metrics at ``count`` is an error.
+    """
+    full = table[table["n_samples"] == table.groupby(["setting", "steps"])["n_samples"].transform("max")]
+    if count is None or (full["n_samples"] == count).all():
+        return full, None
+    at = table[table["n_samples"] == count]
+    if len(at) != len(full):
+        raise ValueError(f"{len(full) - len(at)} run(s) have no metrics at the paper's sample count {count} "
+                         f"(found counts {sorted(table['n_samples'].unique())}); add it to metrics.sample_counts")
+    return at, full
+
+
 def comparison_table(table: pd.DataFrame, paper: pd.DataFrame, resolution: int | None,
-                     row_label: str = "setting") -> pd.DataFrame:
+                     row_label: str = "setting", paper_count: int | None = None) -> pd.DataFrame:
     """Paper layout of one model's rows: index (row label, method, bits/w), columns (group, quantity, source).
 
     Column groups: one per sampling step count (FID, sFID, IS, Prec. and ΔFID(FP), each ours / paper / Δ
     where the paper has the metric), then "size" (MB ours / paper / Δ) and "calibration" (seconds).
+    "ours" is at ``paper_count`` samples (the first ones) when given; then "ours (all)" beside it is on
+    every sample.
     """
     metrics, sizes = _paper_lookup(paper, resolution)
+    table, full = at_sample_count(table, paper_count)
+    all_samples = None if full is None else full.set_index(["setting", "steps"])
     rows = {}
     for (label, method, bits, setting), group in table.groupby([row_label, "method", "bits_per_weight", "setting"],
                                                                 sort=False):
@@ -159,6 +183,8 @@ def comparison_table(table: pd.DataFrame, paper: pd.DataFrame, resolution: int |
                 ours, theirs = r[metric], ref.get(metric, float("nan"))
                 cells.update({(steps, DISPLAY[metric], "ours"): ours, (steps, DISPLAY[metric], "paper"): theirs,
                               (steps, DISPLAY[metric], "Δ"): ours - theirs})
+                if all_samples is not None:
+                    cells[(steps, DISPLAY[metric], "ours (all)")] = all_samples.loc[(setting, r["steps"]), metric]
             cells[(steps, "ΔFID(FP)", "ours")] = r["delta_fid_fp"]
         ours_mb, theirs_mb = group["size_mb"].iloc[0], sizes.get(setting, float("nan"))
         cells.update({("size", "MB", "ours"): ours_mb, ("size", "MB", "paper"): theirs_mb,
@@ -270,7 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name != "metrics":
             p.add_argument("--paper", required=True, help="config/paper_results.csv")
             p.add_argument("--resolution", type=int, help="the paper's resolution of this model (none: no paper cells)")
-            p.add_argument("--runs", help="also write this model's runs as a tidy CSV here")
+            p.add_argument("--runs", help="also write this model's runs (at --paper-count) as a tidy CSV here")
+            p.add_argument("--paper-count", type=int,
+                           help="sample count of the paper's numbers: ours at it beside the paper's, all samples beside")
     p = sub.add_parser("benchmarks", help="Snakemake's per-job benchmark records")
     p.add_argument("--records", required=True, help="folder of the records (results/<preset>/benchmarks)")
     for p in sub.choices.values():
@@ -295,9 +323,9 @@ def run(args: argparse.Namespace) -> None:
     models = table["model"].unique().tolist()
     if len(models) != 1:
         raise ValueError(f"--metrics must belong to one model, got {models}")
-    if args.runs:
+    if args.runs:  # the trade-off plot's input: the runs at the count set beside the paper's points
         Path(args.runs).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.runs, index=False)
+        at_sample_count(table, args.paper_count)[0].to_csv(args.runs, index=False)
     row_label = "setting"
     if args.table == "ablation":  # FP rows only serve ΔFID(FP)
         table, row_label = table[table["method"] != "fp"].assign(n=table["n_candidates"]), "n"
@@ -307,6 +335,8 @@ def run(args: argparse.Namespace) -> None:
     paper = read_paper(args.paper)
     title = (models[0] + (f" ({args.resolution}×{args.resolution})" if args.resolution else "")
              + (": candidate-count ablation" if args.table == "ablation" else ": ours vs the paper"))
-    write_comparison(comparison_table(table, paper, args.resolution, row_label),
+    if args.paper_count and args.paper_count < table["n_samples"].max():
+        title += f"; ours at the first {args.paper_count} samples, ours (all) at {table['n_samples'].max()}"
+    write_comparison(comparison_table(table, paper, args.resolution, row_label, args.paper_count),
                      unmatched_paper_rows(paper, args.resolution, table["setting"].unique().tolist()), title, out)
     log.info("wrote %s", ", ".join(out.values()))

@@ -11,6 +11,10 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 PRESET = config["preset"]
+SAMPLE_COUNTS = config["metrics"].get("sample_counts", [])
+if any(n > config["sampling"]["n_samples"] for n in SAMPLE_COUNTS):
+    raise WorkflowError(f"config key 'metrics.sample_counts': {SAMPLE_COUNTS} must not exceed "
+                        f"sampling.n_samples = {config['sampling']['n_samples']}")
 MODELS = config["models"]
 SAMPLING = config["sampling"]
 USE_GPU = config["device"] != "cpu"
@@ -220,6 +224,11 @@ def paper_resolution(wildcards):
 
 def ablation_resolution(wildcards):
     return resolution_arg(ABLATION["model"])
+
+
+def paper_count_arg(wildcards=None):
+    """``--paper-count N``: the first of metrics.sample_counts (the paper's sample count), else nothing."""
+    return f"--paper-count {SAMPLE_COUNTS[0]}" if SAMPLE_COUNTS else ""
 
 
 def resolution_arg(model):

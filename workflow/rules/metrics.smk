@@ -1,4 +1,5 @@
-# Metrics: FID, sFID, IS, Precision, Recall of one sample set against its reference.
+# Metrics: FID, sFID, IS, Precision, Recall of one sample set against its reference, on all samples and on
+# the first N of them for each N of metrics.sample_counts.
 
 
 rule metrics:
@@ -10,6 +11,7 @@ rule metrics:
     params:
         split_size=config["metrics"]["split_size"],
         k=config["metrics"]["k"],
+        sample_counts=" ".join(map(str, SAMPLE_COUNTS)),
         device=config["device"],
     log:
         "logs/{preset}/metrics/{model}/{setting}/steps{steps}.log",
@@ -22,4 +24,5 @@ rule metrics:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit metrics --features {input.features} --reference {input.reference}"
-        " --split-size {params.split_size} --k {params.k} --device {params.device} --output {output} > {log} 2>&1"
+        " --split-size {params.split_size} --k {params.k} --sample-counts {params.sample_counts}"
+        " --device {params.device} --output {output} > {log} 2>&1"

@@ -44,6 +44,7 @@ rule paper_table:
     params:
         cfg_scale=SAMPLING["cfg_scale"],
         resolution=paper_resolution,
+        paper_count=paper_count_arg,
     log:
         "logs/{preset}/tables/paper-{model}.log",
     benchmark:
@@ -53,7 +54,7 @@ rule paper_table:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit tables paper --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
-        " --paper {input.paper} {params.resolution} --runs {output.runs}"
+        " --paper {input.paper} {params.resolution} {params.paper_count} --runs {output.runs}"
         " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
 
 
@@ -75,6 +76,7 @@ rule ablation_table:
     params:
         cfg_scale=SAMPLING["cfg_scale"],
         resolution=ablation_resolution,
+        paper_count=paper_count_arg,
     log:
         "logs/{preset}/tables/ablation-candidates.log",
     benchmark:
@@ -84,7 +86,7 @@ rule ablation_table:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit tables ablation --metrics {input.metrics} --infos {input.infos}"
-        " --cfg-scale {params.cfg_scale} --paper {input.paper} {params.resolution}"
+        " --cfg-scale {params.cfg_scale} --paper {input.paper} {params.resolution} {params.paper_count}"
         " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
 
 
