@@ -28,7 +28,7 @@ def test_atomic_savez_and_load_npz_name_missing_keys(tmp_path):
     io.atomic_savez(path, arr_0=np.zeros(3))
     assert not list(tmp_path.glob("*.part"))
     assert io.load_npz(path, ("arr_0",))["arr_0"].shape == (3,)
-    with pytest.raises(KeyError, match="a.npz.*labels"):
+    with pytest.raises(ValueError, match="a.npz.*labels"):
         io.load_npz(path, ("labels",))
     with pytest.raises(FileNotFoundError, match="b.npz"):
         io.load_npz(tmp_path / "b.npz", ("arr_0",))

@@ -76,7 +76,7 @@ def load_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         missing = [k for k in keys if k not in data.files]
         if missing:
-            raise KeyError(f"{path}: missing key(s) {missing}; found {data.files}")
+            raise ValueError(f"{path}: missing key(s) {missing}; found {data.files}")
         return {k: data[k] for k in keys}
 
 
