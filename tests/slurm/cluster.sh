@@ -2,7 +2,7 @@
 # A single-node SLURM cluster with accounting on this machine, for the SLURM test suite.
 #
 #   tests/slurm/cluster.sh up      install (Debian packages, if missing) and start munge, MariaDB,
-#                                  slurmdbd, slurmctld and slurmd; prints `export SLURM_CONF=…`
+#                                  slurmdbd, slurmctld and slurmd
 #   tests/slurm/cluster.sh down    cancel the cluster's jobs, stop every daemon by its recorded PID
 #
 # Root, Debian 12, no systemd needed. Every daemon runs in the foreground under setsid with its
@@ -10,6 +10,9 @@
 # $VQ4DIT_SLURM_GPUS stand-in GPUs (character devices like /dev/null) as GRES, so GPU jobs are
 # scheduled and get CUDA_VISIBLE_DEVICES exactly as on a GPU node, and the CPUs and memory of a GPU
 # node (SlurmdParameters=config_overrides), so that profiles/slurm is scheduled unchanged.
+# The configuration lives in $STATE/etc and is linked into /etc/slurm (refused if another one is
+# there; the links are removed by `down`): jobs find it there as on a real cluster (the executor
+# plugin's job step drops SLURM_* variables, SLURM_CONF included, before its inner srun).
 # Environment: VQ4DIT_SLURM_STATE (default /tmp/vq4dit-slurm), VQ4DIT_SLURM_GPUS (4),
 # VQ4DIT_SLURM_CPUS (32), VQ4DIT_SLURM_MEM_MB (262144), VQ4DIT_SLURM_ACCOUNT (vq4dit).
 set -euo pipefail
@@ -21,7 +24,7 @@ CPUS=${VQ4DIT_SLURM_CPUS:-32}
 MEM_MB=${VQ4DIT_SLURM_MEM_MB:-262144}
 ACCOUNT=${VQ4DIT_SLURM_ACCOUNT:-vq4dit}
 HOST=$(hostname -s)
-export SLURM_CONF=$STATE/etc/slurm.conf
+CONFS=(slurm.conf gres.conf slurmdbd.conf)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; stopped in reverse
 
 log() { echo "cluster.sh: $*" >&2; }
@@ -87,6 +90,12 @@ up() {
     fill "$HERE/gres.conf.in" "$STATE/etc/gres.conf"
     fill "$HERE/slurmdbd.conf.in" "$STATE/etc/slurmdbd.conf"
     chmod 600 "$STATE/etc/slurmdbd.conf"
+    mkdir -p /etc/slurm
+    for conf in "${CONFS[@]}"; do
+        [[ -e /etc/slurm/$conf || -L /etc/slurm/$conf ]] \
+            && die "/etc/slurm/$conf exists: this machine has its own SLURM configuration; not touching it"
+    done
+    for conf in "${CONFS[@]}"; do ln -s "$STATE/etc/$conf" "/etc/slurm/$conf"; done
 
     # munge: the key and directories of the Debian package, the daemon as the munge user
     mkdir -p /etc/munge /var/lib/munge /run/munge /var/log/munge
@@ -107,19 +116,19 @@ up() {
         CREATE USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
 
-    start slurmdbd slurmdbd -D   # reads slurmdbd.conf next to $SLURM_CONF
+    start slurmdbd slurmdbd -D
     wait_for 60 slurmdbd sacctmgr -n list cluster
     sacctmgr -i add cluster vq4dit-test >/dev/null
     sacctmgr -i add account "$ACCOUNT" cluster=vq4dit-test description="vq4dit tests" >/dev/null
     sacctmgr -i add user "$(id -un)" account="$ACCOUNT" cluster=vq4dit-test >/dev/null
 
-    start slurmctld slurmctld -D -c -f "$STATE/etc/slurm.conf"   # -c: no state (DRAIN etc.) from earlier runs
+    start slurmctld slurmctld -D -c   # -c: no state (DRAIN etc.) from earlier runs
     wait_for 30 slurmctld scontrol ping
-    start slurmd slurmd -D -f "$STATE/etc/slurm.conf"
+    start slurmd slurmd -D
     for _ in $(seq 120); do
         case $(node_state) in
             idle) log "up: $HOST, $CPUS CPUs, $MEM_MB MB, $GPUS GPUs (GRES), partitions cpu and gpu, account $ACCOUNT"
-                  echo "export SLURM_CONF=$SLURM_CONF"; return 0 ;;
+                  return 0 ;;
             drain*|inval*|down*) sleep 1; [[ $(node_state) == idle ]] && continue
                   scontrol show node "$HOST" >&2; die "node $(node_state); logs in $STATE/log/" ;;
         esac
@@ -146,6 +155,9 @@ down() {
         for _ in $(seq 40); do [[ -z $(squeue -h -t R,CG 2>/dev/null) ]] && break; sleep 0.5; done
     fi
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop "${DAEMONS[i]}"; done
+    for conf in "${CONFS[@]}"; do   # only our links
+        [[ $(readlink "/etc/slurm/$conf") == "$STATE/etc/$conf" ]] && rm -f "/etc/slurm/$conf"
+    done
     log "down"
 }
 
