@@ -3,14 +3,16 @@
 Run with ``pytest -m slurm`` as root on Debian (the cluster script installs SLURM if missing). One
 run of a reduced smoke configuration (every rule, ``device: auto``) goes through ``sbatch`` with
 ``--workflow-profile profiles/slurm`` and only account and partition on the command line, while one
-quantize job is cancelled (``scancel``) and one sample job is killed (SIGKILL) mid-run; the tests
-then read ``sacct`` and compare the metrics with a local run of the same configuration.
+quantize and one sample job are killed (SIGKILL) mid-run; the tests then read ``sacct`` and compare
+the metrics with a local run of the same configuration. A job cancelled with ``scancel`` is a strict
+xfail: snakemake-executor-plugin-slurm 2.8.0 waits forever for it (see that test).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -81,24 +83,23 @@ def sacct(since: str) -> pd.DataFrame:
 
 
 class Faults(threading.Thread):
-    """Mid-run faults, once each: ``scancel`` of the first running quantize job, SIGKILL of the first
-    sample job's ``python -m vq4dit sample`` process (as the kernel's OOM killer would)."""
+    """Mid-run faults: SIGKILL of the ``python -m vq4dit <stage>`` process of the first running quantize
+    and sample job, once each (as the kernel's OOM killer would end them)."""
 
-    def __init__(self):
+    def __init__(self, stages=("quantize", "sample")):
         super().__init__(daemon=True)
+        self.stages = stages
         self.done: dict[str, str] = {}
         self.stop = threading.Event()
 
     def run(self):
-        while not self.stop.is_set() and len(self.done) < 2:
+        while not self.stop.is_set() and len(self.done) < len(self.stages):
             out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i|%k"], capture_output=True, text=True).stdout
             for line in out.splitlines():
                 job, comment = line.split("|", 1)
-                if "rule_quantize_" in comment and "quantize" not in self.done:
-                    subprocess.run(["scancel", job], check=True)
-                    self.done["quantize"] = job
-                elif "rule_sample_" in comment and "sample" not in self.done and self.kill_stage(job, "sample"):
-                    self.done["sample"] = job
+                for stage in self.stages:
+                    if f"rule_{stage}_" in comment and stage not in self.done and self.kill_stage(job, stage):
+                        self.done[stage] = job
             time.sleep(0.5)
 
     @staticmethod
@@ -169,31 +170,65 @@ def test_metrics_equal_a_local_run(slurm_run):
     pd.testing.assert_frame_equal(remote, local)
 
 
-def test_cancelled_and_killed_jobs_are_retried_with_more_memory(slurm_run):
+def test_killed_jobs_are_retried_with_more_memory(slurm_run):
     jobs, faults = slurm_run["jobs"].set_index("JobID"), slurm_run["faults"]
     assert set(faults) == {"quantize", "sample"}, faults
     for rule, job in faults.items():
         hit = jobs.loc[job]
-        assert hit.State.startswith({"quantize": "CANCELLED", "sample": "FAILED"}[rule]), hit
-        assert rule != "sample" or hit.ExitCode != "0:0", hit
+        assert hit.State == "FAILED" and hit.ExitCode != "0:0", hit
         retries = jobs[(jobs.Comment == hit.Comment) & (jobs.index != job)]
         assert list(retries.State) == ["COMPLETED"], retries
         base = int(PROFILE["set-resources"][rule]["mem_mb"].split("*")[0])
-        assert hit.ReqMem == f"{base}M" and retries.ReqMem.iloc[0] == f"{2 * base}M", (hit, retries)
+        assert mem_mb(hit.ReqMem) == base and mem_mb(retries.ReqMem.iloc[0]) == 2 * base, (hit, retries)
 
 
-@pytest.mark.parametrize("option, resource", [("--set-resources", "train_transformer:mem_mb=4000000"),
-                                              ("--set-threads", "train_transformer=64")])
-def test_request_beyond_the_node_fails_naming_rule_and_resource(cluster, tmp_path, option, resource):
+def mem_mb(text: str) -> float:
+    """sacct's ReqMem (``32000M``, ``62.50G``) in MB."""
+    return float(text[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[text[-1]]
+
+
+@pytest.mark.xfail(strict=True, reason="snakemake-executor-plugin-slurm 2.8.0 compares sacct's state "
+                   "'CANCELLED by <uid>' with 'CANCELLED' and keeps waiting for the job as if it still ran")
+def test_cancelled_job_is_retried(cluster, tmp_path):
+    workdir = workflow_copy(tmp_path / "w")
+    config = write_config(workdir, "slurm.yaml", **REDUCED)
+    since = run("date", "+%Y-%m-%dT%H:%M:%S").strip()
+    time.sleep(1)
+    command = ["timeout", "-k", "10", "120", "snakemake", "results/smoke/models/digits/transformer/config.json",
+               "--workflow-profile", "profiles/slurm", "--configfile", config, "--default-resources",
+               f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS]
+    snake = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cancelled = None
+    while cancelled is None and snake.poll() is None:
+        running = run("squeue", "-h", "-t", "R", "-o", "%i").split()
+        if running:
+            time.sleep(2)
+            run("scancel", running[0])
+            cancelled = running[0]
+        time.sleep(0.5)
+    output = snake.communicate()[0]
+    run("scancel", "--user", "root")  # what the timeout left behind
+    jobs = sacct(since)
+    assert cancelled and snake.returncode == 0, output[-3000:]
+    retry = jobs[(jobs.rule == "train_transformer") & (jobs.JobID != cancelled)]
+    assert list(retry.State) == ["COMPLETED"] and mem_mb(retry.ReqMem.iloc[0]) == 16000, jobs
+
+
+@pytest.mark.parametrize("resource, refusal, flag", [
+    ("mem_mb=4000000", "Memory specification can not be satisfied", "--mem 4000000"),
+    ("gpu=8", "Requested node configuration is not available", "--gpus=8"),
+])
+def test_request_beyond_the_node_fails_naming_rule_and_resource(cluster, tmp_path, resource, refusal, flag):
+    """Refused at submission: Snakemake names the rule, the plugin SLURM's refusal and the sbatch call."""
     workdir = workflow_copy(tmp_path / "w")
     config = write_config(workdir, "slurm.yaml", **REDUCED)
     code, output = snakemake(
         workdir, "results/smoke/models/digits/transformer/config.json", "--workflow-profile", "profiles/slurm",
         "--configfile", config, "--default-resources", f"slurm_account={ACCOUNT}", "slurm_partition=cpu",
-        *FAST_STATUS, option, resource, check=False)
+        *FAST_STATUS, "--set-resources", f"train_transformer:{resource}", check=False)
     assert code != 0
-    name = {"--set-resources": "mem", "--set-threads": "cpu"}[option]
-    assert "train_transformer" in output and name in output.lower(), output[-3000:]
+    assert re.search(rf"Error in rule train_transformer:.*SLURM sbatch failed.*{refusal}.*sbatch call:.*{flag}",
+                     output, re.S), output[-3000:]
 
 
 # What a CUDA runtime reports in a job on a GPU node: exactly the devices of CUDA_VISIBLE_DEVICES,
