@@ -165,8 +165,10 @@ def test_gpu_rules_got_a_gpu_from_slurm(slurm_run):
 
 
 def test_metrics_equal_a_local_run(slurm_run):
-    remote, local = (pd.read_csv(slurm_run[k] / "results/smoke/tables/metrics.csv") for k in ("remote", "local"))
-    assert len(remote) == 4
+    """Every column but the quantize timings, exactly (same seeds, same thread counts)."""
+    remote, local = (pd.read_csv(slurm_run[k] / "results/smoke/tables/metrics.csv").filter(regex=r"^(?!.*_seconds$)")
+                     for k in ("remote", "local"))
+    assert len(remote) == 4 and {"fid", "sfid", "is", "precision", "recall", "block_mse"} <= set(remote.columns)
     pd.testing.assert_frame_equal(remote, local)
 
 
@@ -194,7 +196,7 @@ def test_cancelled_job_is_retried(cluster, tmp_path):
     config = write_config(workdir, "slurm.yaml", **REDUCED)
     since = run("date", "+%Y-%m-%dT%H:%M:%S").strip()
     time.sleep(1)
-    command = ["timeout", "-k", "10", "120", "snakemake", "results/smoke/models/digits/transformer/config.json",
+    command = ["timeout", "-k", "10", "90", "snakemake", "results/smoke/reference/digits.npz",
                "--workflow-profile", "profiles/slurm", "--configfile", config, "--default-resources",
                f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS]
     snake = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -210,7 +212,7 @@ def test_cancelled_job_is_retried(cluster, tmp_path):
     run("scancel", "--user", "root")  # what the timeout left behind
     jobs = sacct(since)
     assert cancelled and snake.returncode == 0, output[-3000:]
-    retry = jobs[(jobs.rule == "train_transformer") & (jobs.JobID != cancelled)]
+    retry = jobs[(jobs.rule == "digits_reference") & (jobs.JobID != cancelled)]
     assert list(retry.State) == ["COMPLETED"] and mem_mb(retry.ReqMem.iloc[0]) == 16000, jobs
 
 
