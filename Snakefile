@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.20")
 
 
-configfile: "config/config.yaml"
+# The paper preset unless --configfile names another: cluster jobs get the --configfile but not the
+# profile's replace-workflow-config, and would otherwise merge the paper preset into the smoke one.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 # GPU tokens are a per-submission budget on clusters (a grouped job shares one GPU), global locally.

@@ -8,6 +8,7 @@ failed and a non-zero exit; ``--debug`` shows their traceback. Anything else is 
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 STAGES = {
@@ -26,8 +27,21 @@ EXPECTED_ERRORS = (ValueError, OSError)
 EXIT_FAILURE = 1
 
 
+def cap_threads() -> None:
+    """At most one compute thread per CPU this process may run on (read by torch at import).
+
+    Snakemake sets OMP_NUM_THREADS to the rule's threads; a job given more threads than its CPU
+    mask holds (a node that declares more CPUs than it has, e.g. the SLURM test cluster) would
+    otherwise oversubscribe the cores. On a cluster with CPU binding the mask is the allocation.
+    """
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit():
+        os.environ["OMP_NUM_THREADS"] = str(max(1, min(int(requested), len(os.sched_getaffinity(0)))))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the stage name, import only that stage's module and run it."""
+    cap_threads()
     parser = argparse.ArgumentParser(prog="python -m vq4dit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of expected failures too")
