@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 
 from vq4dit.io import progress, atomic_savez, resolve_device
 from vq4dit.models import num_classes
-from vq4dit.quantize import load_quantized_transformer
+from vq4dit.packed import load_quantized_transformer
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,8 @@ import json
 import re
 from pathlib import Path
 import math
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
@@ -95,6 +97,13 @@ def downloads():
 
 
 DOWNLOADS = downloads()
+REHEARSAL_SEED = config.get("rehearsal", {}).get("seed", 0)
+
+
+def local_source(wildcards):
+    """The file behind a ``file:`` URL (an input, so a rule that writes it runs first); nothing for remote URLs."""
+    url = DOWNLOADS[wildcards.download]["url"]
+    return [url2pathname(urlparse(url).path)] if url.startswith("file:") else []
 
 
 def verified(paths):
