@@ -74,6 +74,12 @@ def shared_copies(state: dict[str, torch.Tensor]) -> list[str]:
     return copies
 
 
+def nonblock_bytes(fp_state: dict[str, torch.Tensor], names: list[str]) -> int:
+    """Bytes of the tensors the paper's size does not count (embedders, patch embedding, final layer), shared ones once."""
+    counted = {f"{name}.{key}" for name in names for key in ("weight", "bias")} | set(shared_copies(fp_state))
+    return sum(t.numel() * t.element_size() for k, t in fp_state.items() if k not in counted)
+
+
 def save_packed(fp_state: dict[str, torch.Tensor], packed: Packed, fmt: str, setting: dict, path: Path) -> None:
     """Write the packed checkpoint: FP tensors (shared ones once), each quantized weight replaced by its packed tensors."""
     state = dict(fp_state)

@@ -20,7 +20,7 @@ from vq4dit.calibration import (
 )
 from vq4dit.io import atomic_write_json, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
-from vq4dit.packed import Packed, load_quantized_transformer, save_packed
+from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
-    info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names))
+    info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
+                nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20)
     atomic_write_json(Path(args.info), info)
     log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])

@@ -3,6 +3,7 @@ import json
 import re
 from pathlib import Path
 import math
+import shlex
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -97,6 +98,7 @@ def downloads():
 
 
 DOWNLOADS = downloads()
+NOTICE = f"--notice {shlex.quote(config['notice'])}" if config.get("notice") else ""
 REHEARSAL_SEED = config.get("rehearsal", {}).get("seed", 0)
 
 
