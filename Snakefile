@@ -22,6 +22,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/rehearsal.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/features.smk"

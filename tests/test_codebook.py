@@ -92,3 +92,16 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
     assert torch.equal(codebook, chunked_codebook) and torch.equal(assignments, chunked_assignments)
     chunked_indices, chunked_distances = nearest(x, codebook, n=2)
     assert torch.equal(indices, chunked_indices) and torch.equal(distances, chunked_distances)
+
+
+def test_kmeans_seeds_on_every_point_up_to_the_sampling_limit_and_on_a_sample_above():
+    from vq4dit.codebook import SEED_POINTS_PER_CODEWORD, _kmeans_plus_plus
+
+    k = 4
+    small = torch.randn(SEED_POINTS_PER_CODEWORD * k, 2, generator=torch.Generator().manual_seed(0))
+    seeded, _ = kmeans(small, k, iters=0, seed=5)
+    assert torch.equal(seeded, _kmeans_plus_plus(small, k, torch.Generator().manual_seed(5)))  # unchanged
+    large = torch.cat([small, small + 100.0])  # twice the limit: the seeding sees a sample of the rows
+    codebook, _ = kmeans(large, k, iters=0, seed=5)
+    assert torch.equal(codebook, kmeans(large, k, iters=0, seed=5)[0])  # deterministic for a seed
+    assert all(bool((large == c).all(dim=1).any()) for c in codebook)  # seeds are data points

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from vq4dit import rtn
 from vq4dit.models import block_linear_names
-from vq4dit.quantize import load_quantized_transformer, read_packed
+from vq4dit.packed import load_quantized_transformer, read_packed, unpack_bits
 
 
 def run_quantize(tiny_dit_dir, tmp_path, setting):
@@ -53,9 +53,9 @@ def test_fp_setting_reloads_the_same_model(tiny_dit, tiny_dit_dir, tmp_path):
 
 def test_rtn_setting_packs_and_dequantizes_every_block_linear(tiny_dit, tiny_dit_dir, tmp_path):
     packed, info = run_quantize(tiny_dit_dir, tmp_path, {"id": "rtn-w2", "method": "rtn", "bits": 2})
-    state, layers = read_packed(packed)
+    state, layers, _ = read_packed(packed)
     names = block_linear_names(tiny_dit)
-    assert sorted(layers) == sorted(names) and set(layers.values()) == {"rtn"}
+    assert sorted(layers) == sorted(names) and {v["format"] for v in layers.values()} == {"rtn"}
     modules = dict(tiny_dit.named_modules())
     for name in names:
         expected = rtn.dequantize(rtn.quantize_weight(modules[name].weight, 2))
@@ -88,12 +88,14 @@ def test_vq_settings_pack_hard_assignments_that_reload_bit_exactly(tiny_dit, tin
         check=True, capture_output=True,
     )
     info = json.loads((tmp_path / "info.json").read_text())
-    state, layers = read_packed(packed_path)
+    state, layers, _ = read_packed(packed_path)
     raw = load_file(str(packed_path))
-    assert set(layers.values()) == {"vq"} and len(layers) == len(block_linear_names(tiny_dit))
+    assert {v["format"] for v in layers.values()} == {"vq"} and len(layers) == len(block_linear_names(tiny_dit))
     name = "transformer_blocks.0.attn1.to_q"
+    n_subvectors = tiny_dit.inner_dim**2 // 4
     assert raw[f"{name}.assignments"].dtype == torch.uint8 and raw[f"{name}.codebook"].dtype == torch.float16
-    codewords = raw[f"{name}.codebook"].float()[raw[f"{name}.assignments"].long()]
+    assert raw[f"{name}.assignments"].numel() == n_subvectors // 2  # k = 16: two 4-bit indices per byte
+    codewords = raw[f"{name}.codebook"].float()[unpack_bits(raw[f"{name}.assignments"], 4, n_subvectors)]
     assert torch.equal(state[f"{name}.weight"], codewords.reshape(tiny_dit.inner_dim, tiny_dit.inner_dim))  # hard decoding
     assert len(torch.unique(state[f"{name}.weight"].reshape(-1, 4), dim=0)) <= 16
     model = load_quantized_transformer(tiny_dit_dir, packed_path)

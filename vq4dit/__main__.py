@@ -19,6 +19,7 @@ STAGES = {
     "metrics": "FID, sFID, IS, Precision, Recall of one sample set",
     "tables": "collect all metrics into CSV, Markdown and LaTeX tables",
     "plots": "trade-off plots and sample grids",
+    "rehearsal": "write the rehearsal preset's stand-in downloads (random weights, full size)",
     "size": "model size by the paper's convention (shapes only)",
 }
 #: the exceptions stages raise for a user's input or environment (not bugs)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from vq4dit.assignments import VQLinear
 from vq4dit.io import progress
 from vq4dit.models import num_classes
+from vq4dit.sample import labels_for, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,6 @@ def collect_calibration_inputs(model: nn.Module, cfg: CalibrationConfig, device:
     Trajectory ``j`` draws its labels and noise with ``labels_for(cfg.seed, j * L, L, classes)``;
     every one of its ``cfg.steps`` model inputs (conditional and null halves) is recorded.
     """
-    from vq4dit.sample import labels_for, sample_batch  # local: vq4dit.sample imports vq4dit.quantize
 
     model = model.to(device)
     records: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -435,7 +435,6 @@ def calibrate_sequential(
     ``cfg.trajectories`` trajectories are those of :func:`collect_calibration_inputs`). Same return format
     as :func:`calibrate_blockwise`; the history records each block's own MSE and L_r.
     """
-    from vq4dit.sample import labels_for, sample_batch  # local: vq4dit.sample imports vq4dit.quantize
 
     start = time.perf_counter()
     fp_model, q_model = fp_model.to(device), q_model.to(device)

@@ -83,3 +83,9 @@ def load_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 def progress(iterable=None, **kwargs) -> tqdm:
     """tqdm progress bar; in log files (no terminal) it updates every 10 s instead of 10 times a second."""
     return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 10.0, **kwargs)
+
+
+def log_peak_gpu_memory(logger, device: torch.device) -> None:
+    """Log the peak GPU memory of this process (read by benchmarks/rehearsal_costs.py); nothing on the CPU."""
+    if device.type == "cuda":
+        logger.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)

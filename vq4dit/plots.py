@@ -184,6 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in sub.choices.values():
         p.add_argument("--png", required=True)
         p.add_argument("--pdf", required=True)
+        p.add_argument("--notice", default="", help="warning printed above the figure (rehearsal: random weights)")
 
 
 def _histories(paths: list[str]) -> dict[str, dict]:
@@ -212,5 +213,7 @@ def run(args: argparse.Namespace) -> None:
         if len(args.shards) != len(args.names):
             raise ValueError(f"{len(args.shards)} shards but {len(args.names)} names")
         fig = sample_grid(args.shards, args.names, args.title)
+    if args.notice:
+        fig.text(0.5, 1.0, args.notice, ha="center", va="bottom", color="firebrick", weight="bold")
     save(fig, args.png, args.pdf)
     log.info("wrote %s and %s", args.png, args.pdf)

@@ -1,10 +1,5 @@
-"""Quantize stage: one model, one setting of ``config/settings.tsv``, written as a packed checkpoint.
-
-Packed layout (safetensors): every tensor of the FP transformer except the quantized block
-weights, plus each quantized layer's packed tensors under ``<layer>.<key>``; the metadata records
-the setting and each layer's format. ``load_quantized_transformer`` dequantizes once at load time,
-so sampling costs the same as the FP model.
-"""
+"""Quantize stage: one model, one setting of ``config/settings.tsv``, written as a packed checkpoint
+(layout: ``vq4dit.packed``)."""
 
 from __future__ import annotations
 
@@ -18,27 +13,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from vq4dit import assignments, rtn, size
 from vq4dit.calibration import (
     CalibrationConfig, block_mse, calibrate_blockwise, collect_calibration_inputs,
 )
-from vq4dit.io import atomic_write_json, resolve_device
+from vq4dit.io import atomic_write_json, log_peak_gpu_memory, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
+from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
 log = logging.getLogger(__name__)
 
-Packed = dict[str, dict[str, torch.Tensor]]
 #: method name -> function(model, layer names, setting, calibration config, device, teacher) -> (packed layers, info);
 #: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target)
 Quantizer = Callable[..., tuple[Packed, dict]]
-
-#: layer format -> dequantizer of its packed tensors (the bias is stored as the layer's plain ``bias``)
-DEQUANTIZERS: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
-    "rtn": rtn.dequantize,
-    "vq": lambda packed: assignments.dequantize(packed)[0],
-}
 
 
 def quantize_fp(model, names, setting, cfg, device, teacher) -> tuple[Packed, dict]:
@@ -81,45 +69,6 @@ METHODS: dict[str, Quantizer] = {
 FORMATS: dict[str, str] = {"rtn": "rtn", "vq-kmeans": "vq", "vq-codebook": "vq", "vq4dit": "vq"}
 
 
-def save_packed(fp_state: dict[str, torch.Tensor], packed: Packed, fmt: str, setting: dict, path: Path) -> None:
-    """Write the packed checkpoint: the FP tensors with each quantized weight replaced by its packed tensors."""
-    state = {k: v.detach().cpu().contiguous() for k, v in fp_state.items()}
-    for name, tensors in packed.items():
-        del state[f"{name}.weight"]
-        state.update({f"{name}.{key}": t.detach().cpu().contiguous() for key, t in tensors.items()})
-    metadata = {"setting": json.dumps(setting), "layers": json.dumps({name: fmt for name in packed})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The dequantized state dict of a packed checkpoint and its per-layer formats."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: packed model not found (run the quantize stage)")
-    with safe_open(str(path), "pt") as f:
-        layers = json.loads((f.metadata() or {}).get("layers", "{}"))
-    state = load_file(str(path))
-    for name, fmt in layers.items():
-        prefix = f"{name}."
-        keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k != f"{name}.bias"]
-        state[f"{name}.weight"] = DEQUANTIZERS[fmt]({k[len(prefix):]: state.pop(k) for k in keys})
-    return state, layers
-
-
-def load_quantized_transformer(transformer_dir: str | Path, packed_path: str | Path,
-                               device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The FP architecture with the packed checkpoint's (dequantized-once) weights."""
-    model = load_transformer(transformer_dir)
-    state, _ = read_packed(packed_path)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
-
-
 def evaluate_block_mse(fp_model: torch.nn.Module, transformer: str, packed: Path, cfg: CalibrationConfig,
                        device) -> float:
     """Mean block-output MSE of the packed model (as reloaded from disk) against the FP model on held-out
@@ -159,6 +108,8 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
-    info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names))
+    info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
+                nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20)
     atomic_write_json(Path(args.info), info)
     log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])
+    log_peak_gpu_memory(log, device)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq4dit.io import progress, atomic_savez, resolve_device
+from vq4dit.io import atomic_savez, log_peak_gpu_memory, progress, resolve_device
 from vq4dit.models import num_classes
-from vq4dit.quantize import load_quantized_transformer
+from vq4dit.packed import load_quantized_transformer
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +250,4 @@ def run(args: argparse.Namespace) -> None:
                                     args.steps, args.cfg_scale, args.cfg_channels, args.precision)
     atomic_savez(Path(args.output), arr_0=images, labels=labels)
     log.info("wrote %s: %s", args.output, images.shape)
+    log_peak_gpu_memory(log, device)

@@ -114,12 +114,13 @@ def build_table(metric_paths: list[str], info_paths: list[str], cfg_scale: float
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-facing columns of the tidy table, rounded, with metric arrows."""
-    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "steps", "n_samples", *DISPLAY, "delta_fid_fp",
-                   "block_mse", "calibration_seconds"]]
-    names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "n_samples": "N", "delta_fid_fp": "ΔFID(FP)",
+    shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "file_mb", "steps", "n_samples", *DISPLAY,
+                   "delta_fid_fp", "block_mse", "calibration_seconds"]]
+    names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "file_mb": "file MiB", "n_samples": "N",
+             "delta_fid_fp": "ΔFID(FP)",
              "block_mse": "block MSE", "calibration_seconds": "calib. s"}
     return shown.rename(columns=names).round(
-        {"bits/w": 2, "MB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3, "ΔFID(FP)": 2, "calib. s": 1}
+        {"bits/w": 2, "MB": 2, "file MiB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3, "ΔFID(FP)": 2, "calib. s": 1}
     )
 
 
@@ -166,9 +167,9 @@ def comparison_table(table: pd.DataFrame, paper: pd.DataFrame, resolution: int |
     """Paper layout of one model's rows: index (row label, method, bits/w), columns (group, quantity, source).
 
     Column groups: one per sampling step count (FID, sFID, IS, Prec. and ΔFID(FP), each ours / paper / Δ
-    where the paper has the metric), then "size" (MB ours / paper / Δ) and "calibration" (seconds).
-    "ours" is at ``paper_count`` samples (the first ones) when given; then "ours (all)" beside it is on
-    every sample.
+    where the paper has the metric), then "size" (MB by the paper's convention ours / paper / Δ, and the packed
+    file's size on disk) and "calibration" (seconds). "ours" is at ``paper_count`` samples (the first ones)
+    when given; then "ours (all)" beside it is on every sample.
     """
     metrics, sizes = _paper_lookup(paper, resolution)
     table, full = at_sample_count(table, paper_count)
@@ -188,7 +189,7 @@ def comparison_table(table: pd.DataFrame, paper: pd.DataFrame, resolution: int |
             cells[(steps, "ΔFID(FP)", "ours")] = r["delta_fid_fp"]
         ours_mb, theirs_mb = group["size_mb"].iloc[0], sizes.get(setting, float("nan"))
         cells.update({("size", "MB", "ours"): ours_mb, ("size", "MB", "paper"): theirs_mb,
-                      ("size", "MB", "Δ"): ours_mb - theirs_mb,
+                      ("size", "MB", "Δ"): ours_mb - theirs_mb, ("size", "file MiB", "ours"): group["file_mb"].iloc[0],
                       ("calibration", "s", "ours"): group["calibration_seconds"].iloc[0]})
         rows[(label, method, bits)] = cells
     out = pd.DataFrame.from_dict(rows, orient="index")
@@ -304,10 +305,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in sub.choices.values():
         for fmt in ("csv", "md", "tex", "html"):
             p.add_argument(f"--{fmt}", required=True)
+        p.add_argument("--notice", default="", help="warning put on every output (rehearsal: random weights)")
+
+
+def add_notice(out: dict[str, str], notice: str) -> None:
+    """Put ``notice`` on the written table: a CSV column, a bold line above the Markdown, LaTeX and HTML."""
+    csv = pd.read_csv(out["csv"])
+    csv.insert(0, "notice", notice)
+    csv.to_csv(out["csv"], index=False)
+    for fmt, line in (("md", f"**{notice}**\n\n"), ("tex", f"\\textbf{{{latex_text(notice)}}}\n\n")):
+        Path(out[fmt]).write_text(line + Path(out[fmt]).read_text())
+    banner = f"<p style='color: firebrick'><b>{notice}</b></p>"
+    Path(out["html"]).write_text(re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner, Path(out["html"]).read_text(), count=1))
 
 
 def run(args: argparse.Namespace) -> None:
     out = {fmt: getattr(args, fmt) for fmt in ("csv", "md", "tex", "html")}
+    write_table(args, out)
+    if args.notice:
+        add_notice(out, args.notice)
+
+
+def write_table(args: argparse.Namespace, out: dict[str, str]) -> None:
     if args.table == "benchmarks":
         records = benchmark_table(args.records)
         write_plain(records, "Per-job benchmark records (Snakemake)", out)

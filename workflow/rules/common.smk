@@ -3,6 +3,9 @@ import json
 import re
 from pathlib import Path
 import math
+import shlex
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
@@ -99,6 +102,14 @@ def downloads():
 
 
 DOWNLOADS = downloads()
+NOTICE = f"--notice {shlex.quote(config['notice'])}" if config.get("notice") else ""
+REHEARSAL_SEED = config.get("rehearsal", {}).get("seed", 0)
+
+
+def local_source(wildcards):
+    """The file behind a ``file:`` URL (an input, so a rule that writes it runs first); nothing for remote URLs."""
+    url = DOWNLOADS[wildcards.download]["url"]
+    return [url2pathname(urlparse(url).path)] if url.startswith("file:") else []
 
 
 def verified(paths):

@@ -15,6 +15,7 @@ rule tradeoff_plot:
         ),
         pdf="results/{preset}/plots/tradeoff-{model}.pdf",
     params:
+        notice=NOTICE,
         resolution=paper_resolution,
     log:
         "logs/{preset}/plots/tradeoff-{model}.log",
@@ -25,7 +26,7 @@ rule tradeoff_plot:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit plots tradeoff --table {input.table} --model {wildcards.model} --paper {input.paper}"
-        " {params.resolution} --png {output.png} --pdf {output.pdf} > {log} 2>&1"
+        " {params.resolution} --png {output.png} --pdf {output.pdf} {params.notice} > {log} 2>&1"
 
 
 rule sample_grid:
@@ -43,6 +44,7 @@ rule sample_grid:
         ),
         pdf="results/{preset}/plots/samples/{model}-steps{steps}.pdf",
     params:
+        notice=NOTICE,
         names=MAIN_SETTINGS,
     log:
         "logs/{preset}/plots/samples/{model}-steps{steps}.log",
@@ -53,7 +55,7 @@ rule sample_grid:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit plots samples --shards {input} --names {params.names} --title '{wildcards.model}, {wildcards.steps} steps'"
-        " --png {output.png} --pdf {output.pdf} > {log} 2>&1"
+        " --png {output.png} --pdf {output.pdf} {params.notice} > {log} 2>&1"
 
 
 rule calibration_plot:
@@ -67,6 +69,8 @@ rule calibration_plot:
             labels={"figure": "calibration curves", "model": "{model}"},
         ),
         pdf="results/{preset}/plots/calibration-{model}.pdf",
+    params:
+        notice=NOTICE,
     log:
         "logs/{preset}/plots/calibration-{model}.log",
     benchmark:
@@ -75,4 +79,4 @@ rule calibration_plot:
     conda:
         "../../envs/vq4dit.yaml"
     shell:
-        "python -m vq4dit plots calibration --infos {input} --png {output.png} --pdf {output.pdf} > {log} 2>&1"
+        "python -m vq4dit plots calibration --infos {input} --png {output.png} --pdf {output.pdf} {params.notice} > {log} 2>&1"

@@ -54,6 +54,8 @@ rule digits_reference:
 
 
 rule download:
+    input:
+        local_source,
     output:
         protected("resources/{download}"),
     wildcard_constraints:

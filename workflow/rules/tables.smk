@@ -12,6 +12,7 @@ rule tables:
         tex="results/{preset}/tables/metrics.tex",
         html=report("results/{preset}/tables/metrics.html", caption="../report/metrics_table.rst", category="Tables"),
     params:
+        notice=NOTICE,
         cfg_scale=SAMPLING["cfg_scale"],
     log:
         "logs/{preset}/tables/metrics.log",
@@ -22,7 +23,7 @@ rule tables:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit tables metrics --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
-        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} {params.notice} > {log} 2>&1"
 
 
 rule paper_table:
@@ -42,6 +43,7 @@ rule paper_table:
             labels={"table": "paper layout", "model": "{model}"},
         ),
     params:
+        notice=NOTICE,
         cfg_scale=SAMPLING["cfg_scale"],
         resolution=paper_resolution,
         paper_count=paper_count_arg,
@@ -55,7 +57,7 @@ rule paper_table:
     shell:
         "python -m vq4dit tables paper --metrics {input.metrics} --infos {input.infos} --cfg-scale {params.cfg_scale}"
         " --paper {input.paper} {params.resolution} {params.paper_count} --runs {output.runs}"
-        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} {params.notice} > {log} 2>&1"
 
 
 rule ablation_table:
@@ -74,6 +76,7 @@ rule ablation_table:
             labels={"table": "candidate ablation", "model": ABLATION.get("model", "")},
         ),
     params:
+        notice=NOTICE,
         cfg_scale=SAMPLING["cfg_scale"],
         resolution=ablation_resolution,
         paper_count=paper_count_arg,
@@ -87,7 +90,7 @@ rule ablation_table:
     shell:
         "python -m vq4dit tables ablation --metrics {input.metrics} --infos {input.infos}"
         " --cfg-scale {params.cfg_scale} --paper {input.paper} {params.resolution} {params.paper_count}"
-        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} {params.notice} > {log} 2>&1"
 
 
 rule benchmark_table:
@@ -99,6 +102,7 @@ rule benchmark_table:
         tex="results/{preset}/tables/benchmarks.tex",
         html=report("results/{preset}/tables/benchmarks.html", caption="../report/benchmarks.rst", category="Benchmarks"),
     params:
+        notice=NOTICE,
         records="results/{preset}/benchmarks",
     log:
         "logs/{preset}/tables/benchmarks.log",
@@ -109,4 +113,4 @@ rule benchmark_table:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit tables benchmarks --records {params.records}"
-        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} > {log} 2>&1"
+        " --csv {output.csv} --md {output.md} --tex {output.tex} --html {output.html} {params.notice} > {log} 2>&1"
