@@ -90,9 +90,12 @@ class VQLinear(nn.Module):
         """
         x = subvectors(linear.weight.detach(), d)
         k_eff = clamp_k(k, x.shape[0])
-        codebook, _ = kmeans(x, k_eff, iters=kmeans_iters, seed=seed)
+        codebook, nearest_one = kmeans(x, k_eff, iters=kmeans_iters, seed=seed)
         n = min(n_candidates, k_eff)
-        candidates, distances = nearest(x, codebook, n)
+        if n == 1:  # k-means' own assignments are the nearest codewords; one candidate's logit is 0
+            candidates, distances = nearest_one.unsqueeze(1), torch.ones(x.shape[0], 1, device=x.device)
+        else:
+            candidates, distances = nearest(x, codebook, n)
         log.debug("VQLinear %s: k=%d d=%d n=%d", tuple(linear.weight.shape), k_eff, d, n)
         return cls(codebook, candidates, init_logits(distances), linear.bias, linear.in_features, linear.out_features)
 
