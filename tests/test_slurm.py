@@ -41,6 +41,7 @@ REDUCED = dict(
                        "train": {"steps": 60, "batch_size": 32, "lr": 0.001, "seed": 0}}},
     feature_extractor={"train": {"steps": 60, "batch_size": 64, "lr": 0.002, "seed": 0}},
     sampling={"steps": [4], "n_samples": 120, "shard_size": 60, "batch_size": 60},
+    metrics={"sample_counts": [60]},  # the first shard: metrics at two counts, as the smoke preset has
     settings=["fp", "rtn-w2", "vq4dit-w2"],
     ablation_candidates={"settings": ["vq-codebook-w2", "vq4dit-w2"], "steps": [4]},
     calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
