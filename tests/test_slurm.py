@@ -169,7 +169,9 @@ def test_metrics_equal_a_local_run(slurm_run):
     """Every column but the quantize timings, exactly (same seeds, same thread counts)."""
     remote, local = (pd.read_csv(slurm_run[k] / "results/smoke/tables/metrics.csv").filter(regex=r"^(?!.*_seconds$)")
                      for k in ("remote", "local"))
-    assert len(remote) == 4 and {"fid", "sfid", "is", "precision", "recall", "block_mse"} <= set(remote.columns)
+    # 4 runs (3 settings + the ablation's codebook-only row), each at all 120 samples and the first 60
+    assert len(remote) == 4 * 2 and sorted(remote["n_samples"].unique()) == [60, 120]
+    assert {"fid", "sfid", "is", "precision", "recall", "block_mse"} <= set(remote.columns)
     pd.testing.assert_frame_equal(remote, local)
 
 
