@@ -54,11 +54,24 @@ def main() -> None:
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s in {workdir}", flush=True)
         tables.append(pd.read_csv(workdir / "results/smoke/tables/metrics.csv").assign(seed=seed))
     runs = pd.concat(tables)
-    fid = runs.pivot_table(index=["setting", "steps"], columns="seed", values="fid", sort=False)
+    # one row per sample count (N): all samples and the paper-share subsets of metrics.sample_counts
+    fid = runs.pivot_table(index=["setting", "steps", "n_samples"], columns="seed", values="fid", sort=False)
     summary = fid.assign(mean=fid.mean(axis=1), std=fid.std(axis=1), range=fid.max(axis=1) - fid.min(axis=1))
     print(summary.round(2).to_markdown())
     relative = (summary["std"] / summary["mean"]).round(3)
     print(f"\nstd / mean: median {relative.median():.3f}, max {relative.max():.3f}")
+    print("\n2-bit ordering " + " < ".join(ORDERING) + " per (steps, N, seed):")
+    print(ordering_holds(fid).replace({True: "holds", False: "BROKEN"}).to_markdown())
+
+
+#: the method's claim at 2 bits, best first (lower FID)
+ORDERING = ("vq4dit-w2", "vq-codebook-w2", "vq-kmeans-w2", "rtn-w2")
+
+
+def ordering_holds(fid: pd.DataFrame) -> pd.DataFrame:
+    """True where FID increases strictly along ORDERING, for every (steps, N) row and seed column."""
+    by_setting = fid.stack().unstack("setting")[list(ORDERING)]
+    return by_setting.apply(lambda row: bool((row.diff().dropna() > 0).all()), axis=1).unstack("seed")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,29 @@ def test_unknown_setting_id_in_config_is_named(workdir):
     assert code != 0 and "vq-nope" in output
 
 
+
+def rule_threads_in_dry_run(output: str, rule: str) -> set[int]:
+    """Thread counts of ``rule``'s jobs in a dry run (Snakemake prints ``threads:`` only above 1)."""
+    blocks = [b for b in output.split("\n\n") if re.search(rf"^(local)?rule {rule}:", b, re.M)]
+    return {int(m[1]) if (m := re.search(r"^\s+threads: (\d+)", b, re.M)) else 1 for b in blocks}
+
+
+def test_config_threads_set_the_quantize_jobs_threads(workdir):
+    paper = snakemake(workdir, "-n", "--cores", "8", "table_256")[1]
+    assert rule_threads_in_dry_run(paper, "quantize") == {2}  # the default where config has no threads
+    smoke = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config/smoke.yaml")[1]
+    assert yaml.safe_load((REPO / "config/smoke.yaml").read_text())["threads"]["quantize"] == 1
+    assert rule_threads_in_dry_run(smoke, "quantize") == {1}
+    assert rule_threads_in_dry_run(smoke, "train_transformer") == {2}
+    config = write_config(workdir, "threads.yaml", threads={"quantize": 3})
+    assert rule_threads_in_dry_run(snakemake(workdir, "-n", "--cores", "4", "--configfile", config)[1], "quantize") == {3}
+
+
+def test_unknown_threads_key_is_named(workdir):
+    config = write_config(workdir, "bad-threads.yaml", threads={"sample": 4})
+    code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
+    assert code != 0 and "sample" in output and "threads" in output
+
 @pytest.mark.e2e
 def test_smoke_run_end_to_end(workdir):
     """Reduced smoke preset: table complete and finite; rerun is a no-op; a deleted shard reruns alone."""

@@ -170,6 +170,11 @@ def vae_folder(wildcards, input):
     return str(Path(input.vae[0]).parent) if input.vae else ""
 
 
+def rule_threads(rule, default=2):
+    """Threads of ``rule``'s local jobs: config key ``threads.<rule>`` or ``default``."""
+    return config.get("threads", {}).get(rule, default)
+
+
 def gpu(wildcards=None):
     """GPU tokens of a GPU job: 1 when the preset runs on CUDA."""
     return int(USE_GPU)

@@ -13,7 +13,7 @@ rule train_transformer:
         "logs/{preset}/train_transformer/{model}.log",
     benchmark:
         "results/{preset}/benchmarks/train_transformer/{model}.tsv"
-    threads: 2
+    threads: rule_threads("train_transformer")
     conda:
         "../../envs/vq4dit.yaml"
     shell:
@@ -31,7 +31,7 @@ rule train_feature_network:
         "logs/{preset}/train_feature_network.log",
     benchmark:
         "results/{preset}/benchmarks/train_feature_network.tsv"
-    threads: 2
+    threads: rule_threads("train_feature_network")
     conda:
         "../../envs/vq4dit.yaml"
     shell:

@@ -15,7 +15,7 @@ rule quantize:
         "logs/{preset}/quantize/{model}/{setting}.log",
     benchmark:
         "results/{preset}/benchmarks/quantize/{model}/{setting}.tsv"
-    threads: 2
+    threads: rule_threads("quantize")
     resources:
         gpu=gpu,
     conda:
