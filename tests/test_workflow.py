@@ -115,7 +115,6 @@ def test_unknown_setting_id_in_config_is_named(workdir):
     assert code != 0 and "vq-nope" in output
 
 
-
 def rule_threads_in_dry_run(output: str, rule: str) -> set[int]:
     """Thread counts of ``rule``'s jobs in a dry run (Snakemake prints ``threads:`` only above 1)."""
     blocks = [b for b in output.split("\n\n") if re.search(rf"^(local)?rule {rule}:", b, re.M)]
@@ -137,6 +136,7 @@ def test_unknown_threads_key_is_named(workdir):
     config = write_config(workdir, "bad-threads.yaml", threads={"sample": 4})
     code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
     assert code != 0 and "sample" in output and "threads" in output
+
 
 @pytest.mark.e2e
 def test_smoke_run_end_to_end(workdir):
