@@ -4,10 +4,12 @@ CPU (what the rehearsal preset runs):
 
     python benchmarks/rehearsal_costs.py --target table_256 [--workdir DIR]
 
-GPU (one command for a session with a CUDA GPU; realistic counts: 1,000 samples at 50 steps, a
-real calibration budget, 20 k-means iterations; prints images/s from the sample jobs):
+GPU (device cuda; counts sized so the DAG fits a short GPU lease: 125 samples at 50 steps, the
+paper's 16-trajectory calibration cache with 100 steps per block, 20 k-means iterations; ``--gpu-jobs``: the
+number of GPUs; per-image and per-step costs without start-up come from ``sampling_bench.py`` and
+``calibration_cost.py``, see ``gpu_session.sh``):
 
-    python benchmarks/rehearsal_costs.py --target table_256 --gpu
+    python benchmarks/rehearsal_costs.py --target table_256 --gpu --cores 16
 
 Copies the workflow into a fresh folder (or uses --workdir, so a finished run is only re-read),
 runs ``snakemake <target> --cores N --configfile <config>``, and prints one row per job from
@@ -32,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke_run import copy_workflow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-#: the GPU measurement of issue 10, point 5: realistic counts on top of config/rehearsal.yaml
+#: the GPU run on top of config/rehearsal.yaml: the paper's sampler and calibration cache, short budgets
 GPU_OVERRIDES = {
     "device": "cuda",
-    "sampling": {"steps": [50], "n_samples": 1000, "shard_size": 500, "batch_size": 125, "precision": "tf32"},
-    "calibration": {"trajectories": 16, "labels_per_trajectory": 4, "steps": 50, "iterations": 1000,
+    "sampling": {"steps": [50], "n_samples": 125, "shard_size": 125, "batch_size": 125, "precision": "tf32"},
+    "calibration": {"trajectories": 16, "labels_per_trajectory": 4, "steps": 50, "iterations": 100,
                     "batch_size": 8, "kmeans_iters": 20},
     "metrics": {"batch_size": 250},
 }
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="device cuda and realistic counts (GPU_OVERRIDES)")
     parser.add_argument("--workdir", type=Path, help="run here instead of a new temporary folder")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--gpu-jobs", type=int, default=1, help="GPUs of this machine (Snakemake resource gpu)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vq4dit-rehearsal-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +91,8 @@ def main() -> None:
         copy_workflow(workdir)
     config = write_config(workdir, args.gpu)
     start = time.perf_counter()
-    subprocess.run(["snakemake", args.target, "--cores", str(args.cores), "--configfile", config], cwd=workdir,
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["snakemake", args.target, "--cores", str(args.cores), "--resources", f"gpu={args.gpu_jobs}",
+                    "--configfile", config], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     print(f"workdir: {workdir}\n{args.target} ({config}): {wall:.0f} s on {args.cores} cores\n")
     table = job_table(workdir)

@@ -18,7 +18,8 @@ k-means here:
 - Lloyd iterations on whatever device ``x`` lives on; the point-to-codeword distance matrix is
   built in row chunks of at most ``CHUNK_ELEMENTS`` entries, so memory stays bounded.
 - centroid update: points sorted by cluster and summed by a float64 cumulative sum, which avoids
-  the non-deterministic atomic adds of ``index_add_`` on GPU.
+  the non-deterministic atomic adds of ``index_add_`` on GPU (CUDA's cumsum is deterministic under
+  ``torch.use_deterministic_algorithms``, which the quantize stage turns on).
 - empty clusters: re-seeded, in cluster order, to the points farthest from their current
   codeword (stable sort, so ties resolve by point index).
 - early stop when an iteration leaves every assignment unchanged.
@@ -111,7 +112,10 @@ def _update(x: Tensor, assignments: Tensor, sq: Tensor, k: int) -> tuple[Tensor,
     order = torch.argsort(assignments, stable=True)
     counts = torch.bincount(assignments, minlength=k)
     ends = counts.cumsum(0)
-    cumulative = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), x[order].double().cumsum(0)])
+    # one 1-D scan per coordinate: a scan along dim 0 of (N, d) runs d sequential threads on CUDA,
+    # 1,000x slower (benchmarks/kmeans_bench.py); on the CPU both add in the same order
+    running = torch.stack([column.cumsum(0) for column in x[order].double().t().unbind()], dim=1)
+    cumulative = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), running])
     sums = cumulative[ends] - cumulative[ends - counts]
     new = (sums / counts.clamp(min=1).unsqueeze(1)).to(x.dtype)
     empty = torch.nonzero(counts == 0).flatten()

@@ -1,0 +1,77 @@
+"""Cost of ``vq4dit.codebook.kmeans`` on one DiT-XL/2 layer, and of each of its parts, on CPU or GPU.
+
+One weight of the given shape (random, DiT-like scale) cut into d=4 sub-vectors, k=256: the whole
+k-means (``--iters`` Lloyd iterations, with and without deterministic algorithms, which the quantize
+stage turns on), then each part alone: the k-means++ seeding, one assignment pass, one centroid
+update, and inside the update the sort, the gather and the float64 cumulative sum (along dim 0 as
+the code runs it, and per column as 1-D scans for comparison).
+
+    python benchmarks/kmeans_bench.py --shape 4608 1152 --iters 20          # GPU
+    python benchmarks/kmeans_bench.py --shape 1152 288 --iters 2 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from vq4dit.codebook import _assign, _kmeans_plus_plus, _update, kmeans, subvectors
+from vq4dit.io import resolve_device
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Best wall seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=2, default=[4608, 1152], help="weight out x in")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    x = subvectors(torch.randn(*args.shape, device=device) * 0.02, 4).contiguous()
+    k = 256
+    codebook = _kmeans_plus_plus(x[:16384], k, torch.Generator().manual_seed(0))
+    assignments, sq = _assign(x, codebook)
+    order = torch.argsort(assignments, stable=True)
+    rows = []
+    for deterministic in (True, False):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        rows.append((f"kmeans, {args.iters} iterations, deterministic={deterministic}",
+                     timed(lambda: kmeans(x, k, iters=args.iters), device, 1)))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    sorted_x = x[order].double()
+    rows += [
+        ("k-means++ seeding (16384 points)", timed(lambda: _kmeans_plus_plus(x[:16384], k, torch.Generator()
+                                                                            .manual_seed(0)), device)),
+        ("assignment pass", timed(lambda: _assign(x, codebook), device)),
+        ("centroid update", timed(lambda: _update(x, assignments, sq, k), device)),
+        ("  argsort (stable)", timed(lambda: torch.argsort(assignments, stable=True), device)),
+        ("  gather + float64", timed(lambda: x[order].double(), device)),
+        ("  cumsum along dim 0 of (N, d)", timed(lambda: sorted_x.cumsum(0), device)),
+        ("  cumsum per column (1-D scans)", timed(lambda: torch.stack([c.cumsum(0) for c in sorted_x.t().unbind()],
+                                                                      1), device)),
+    ]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{name}, torch {torch.__version__}; weight {args.shape[0]}x{args.shape[1]} -> {x.shape[0]} sub-vectors "
+          f"of d=4, k={k}\n\n| part | ms |\n|---|---:|")
+    print("\n".join(f"| {label} | {seconds * 1e3:.1f} |" for label, seconds in rows))
+
+
+if __name__ == "__main__":
+    main()
