@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vq4dit.codebook import clamp_k, kmeans, nearest, subvectors
+from vq4dit.codebook import _update, clamp_k, kmeans, nearest, subvectors
 
 
 def test_subvectors_are_contiguous_row_chunks() -> None:
@@ -66,6 +66,21 @@ def test_kmeans_reseeds_empty_clusters() -> None:
     codebook, assignments = kmeans(x, 3, iters=10)
     assert torch.equal(codebook[assignments], x)
     assert len(set(assignments.tolist())) == 3
+
+
+def test_centroid_update_is_each_clusters_mean_and_moves_empty_ones_to_the_farthest_points() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 4, generator=generator)
+    assignments = torch.randint(0, 7, (5000,), generator=generator)  # clusters 7 and 8 stay empty
+    sq = torch.rand(5000, generator=generator)
+    centroids, n_empty = _update(x, assignments, sq, 9)
+    points = x.double().numpy()
+    for j in range(7):  # the definition: the mean of the cluster's points, in float64
+        mean = points[(assignments == j).numpy()].mean(axis=0)
+        assert torch.allclose(centroids[j].double(), torch.from_numpy(mean), rtol=0, atol=1e-6)
+    assert n_empty == 2
+    farthest = sq.argsort(descending=True)[:2]
+    assert torch.equal(centroids[7:], x[farthest])
 
 
 def test_nearest_sorted_and_exact() -> None:
