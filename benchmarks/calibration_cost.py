@@ -18,6 +18,7 @@ import argparse
 import copy
 import os
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -27,20 +28,18 @@ from vq4dit.calibration import CalibrationConfig, calibrate_blockwise, collect_c
 from vq4dit.io import resolve_device
 from vq4dit.models import block_linear_names, build_transformer
 
+from timing import device_name, sync
+
 GIB = 2**30
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "config/config.yaml"
 
 
 def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
 
 
-def timed(fn, device: torch.device):
-    """(fn(), wall seconds) with the device synchronised on both ends."""
+def timed_once(fn, device: torch.device):
+    """(fn(), wall seconds) of one call, the device synchronised on both ends."""
     sync(device)
     start = time.perf_counter()
     value = fn()
@@ -68,22 +67,22 @@ def main() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as the quantize stage
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(args.device)
-    paper = yaml.safe_load(open("config/config.yaml"))["calibration"]
+    paper = yaml.safe_load(PAPER_CONFIG.read_text())["calibration"]
     cfg = CalibrationConfig.from_dict({**paper, "trajectories": args.trajectories, "steps": args.steps,
                                        "iterations": args.iterations, "kmeans_iters": args.kmeans_iters})
     teacher = build_transformer(args.arch, args.image_size // 8, 4, 1000).to(device).eval()
     n_blocks = len(teacher.transformer_blocks)
-    calib, t_collect = timed(lambda: collect_calibration_inputs(teacher, cfg, device), device)
+    calib, t_collect = timed_once(lambda: collect_calibration_inputs(teacher, cfg, device), device)
     keep_blocks(teacher, args.blocks)
     student = copy.deepcopy(teacher)
     names = block_linear_names(student)
-    layers, t_kmeans = timed(lambda: quantize_model_linears(student, names, k=256, d=4, n_candidates=args.candidates,
-                                                              kmeans_iters=cfg.kmeans_iters, seed=cfg.seed), device)
-    result, t_calib = timed(lambda: calibrate_blockwise(teacher, student, layers, calib, cfg), device)
+    vq = dict(k=256, d=4, n_candidates=args.candidates, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+    layers, t_kmeans = timed_once(lambda: quantize_model_linears(student, names, **vq), device)
+    result, t_calib = timed_once(lambda: calibrate_blockwise(teacher, student, layers, calib, cfg), device)
     per_step = sorted(result["block_seconds"])[len(result["block_seconds"]) // 2] / cfg.iterations
     per_block = per_step * paper["iterations"] + t_kmeans / args.blocks
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}; {args.arch} at {args.image_size}x{args.image_size}, "
+    print(f"device: {device_name(device)}, torch {torch.__version__}; "
+          f"{args.arch} at {args.image_size}x{args.image_size}, "
           f"VQ k=256 d=4 n={args.candidates}, batch {cfg.batch_size}\n")
     print("| quantity | value |\n|---|---:|")
     print(f"| teacher trajectories ({cfg.trajectories} x {cfg.labels_per_trajectory} labels x {cfg.steps} steps), s "

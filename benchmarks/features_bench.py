@@ -20,6 +20,8 @@ import torch
 from vq4dit.features import FeatureModel, extract, save_random_weights
 from vq4dit.io import resolve_device
 
+from timing import device_name
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +42,8 @@ def main() -> None:
         start = time.perf_counter()
         extract(images, model, args.batch_size, device)
         seconds = time.perf_counter() - start
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.extractor}: {args.n} images {side}x{side} in {seconds:.1f} s = {args.n / seconds:.1f} images/s ({name})")
+    print(f"{args.extractor}: {args.n} images {side}x{side} in {seconds:.1f} s = {args.n / seconds:.1f} images/s "
+          f"({device_name(device)})")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def peak_gpu(workdir: Path, job: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="table_256", help="table_256, table_512 or all")
-    parser.add_argument("--gpu", action="store_true", help="device cuda and realistic counts (GPU_OVERRIDES)")
+    parser.add_argument("--gpu", action="store_true", help="device cuda and the short-lease counts of GPU_OVERRIDES")
     parser.add_argument("--workdir", type=Path, help="run here instead of a new temporary folder")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--gpu-jobs", type=int, default=1, help="GPUs of this machine (Snakemake resource gpu)")

@@ -23,7 +23,6 @@ batch.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +32,11 @@ from vq4dit.io import resolve_device
 from vq4dit.models import block_linear_names, build_transformer
 from vq4dit.sample import set_precision
 
+from timing import device_name, timed
+
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 #: lut-gather vs an fp64 product, as a fraction of the largest output (bf16 keeps 8 significant bits)
 TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 2e-2}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
@@ -134,7 +117,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     set_precision(args.precision, device.type)  # TF32 matmuls for the peak too
     peak = matmul_peak(device, DTYPES[args.precision], args.repeats)
     print(f"device: {name}, torch {torch.__version__}, precision {args.precision}, "
