@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from vq4dit.features import FeatureModel, extract, save_random_weights
-from vq4dit.io import resolve_device
+from vq4dit.io import device_name, resolve_device
 
-from timing import device_name
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import argparse
 import torch
 
 from vq4dit.codebook import _assign, _kmeans_plus_plus, _update, kmeans, subvectors
-from vq4dit.io import resolve_device
+from vq4dit.io import device_name, resolve_device
 
-from timing import device_name, timed
+from timing import timed
 
 REPEATS = 3
 """Timed calls per part (the best counts), after one warm-up call."""

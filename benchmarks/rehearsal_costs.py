@@ -5,7 +5,7 @@ CPU (what the rehearsal preset runs):
     python benchmarks/rehearsal_costs.py --target table_256 [--workdir DIR]
 
 GPU (device cuda; counts sized so the DAG fits a short GPU lease: 125 samples at 50 steps, the
-paper's 16-trajectory calibration cache with 100 steps per block, 20 k-means iterations; ``--gpu-jobs``: the
+paper's calibration loop for 2 trajectories (100 whole-model steps), 20 k-means iterations; ``--gpu-jobs``: the
 number of GPUs; per-image and per-step costs without start-up come from ``sampling_bench.py`` and
 ``calibration_cost.py``, see ``gpu_session.sh``):
 
@@ -34,12 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke_run import copy_workflow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-#: the GPU run on top of config/rehearsal.yaml: the paper's sampler and calibration cache, short budgets
+#: the GPU run on top of config/rehearsal.yaml: the paper's sampler and calibration loop, short budgets
 GPU_OVERRIDES = {
     "device": "cuda",
     "sampling": {"steps": [50], "n_samples": 125, "shard_size": 125, "batch_size": 125, "precision": "tf32"},
-    "calibration": {"trajectories": 16, "labels_per_trajectory": 4, "steps": 50, "iterations": 100,
-                    "batch_size": 8, "kmeans_iters": 20},
+    "calibration": {"outer_iterations": 2, "labels_per_trajectory": 4, "steps": 50, "kmeans_iters": 20},
     "metrics": {"batch_size": 250},
 }
 

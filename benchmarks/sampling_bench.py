@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vq4dit.io import resolve_device
+from vq4dit.io import device_name, resolve_device
 from vq4dit.models import block_linear_names, build_transformer
 from vq4dit.sample import set_precision
 
-from timing import device_name, timed
+from timing import timed
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 #: lut-gather vs an fp64 product, as a fraction of the largest output (bf16 keeps 8 significant bits)

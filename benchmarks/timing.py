@@ -26,7 +26,3 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
         best = min(best, time.perf_counter() - start)
     return best
 
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU with its torch thread count."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

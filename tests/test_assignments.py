@@ -1,4 +1,4 @@
-"""VQLinear: reconstruction, logit init, freezing, hardening, packing and model surgery."""
+"""VQLayers / VQLinear: reconstruction and its gradient, logit init, L_r, freezing, hardening, packing, model surgery."""
 
 from pathlib import Path
 
@@ -8,17 +8,23 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vq4dit.assignments import VQLinear, dequantize, index_dtype, init_logits, quantize_model_linears
+from vq4dit.assignments import (
+    VQLayers, attach, codebook_gradient, dequantize, index_dtype, init_logits, quantize_model_linears,
+)
 from vq4dit.models import block_linear_names
 
 
-def _linear(out_features: int = 16, in_features: int = 32, seed: int = 0) -> nn.Linear:
+def _linear(out_features: int = 16, in_features: int = 32, seed: int = 0, bias: bool = True) -> nn.Linear:
     torch.manual_seed(seed)
-    return nn.Linear(in_features, out_features)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
-def _hard_decode(layer: VQLinear) -> torch.Tensor:
-    return layer.codebook.detach()[layer.assignments()].reshape(layer.out_features, layer.in_features)
+def _vq(*linears: nn.Linear, k: int = 16, n: int = 2, **kwargs) -> VQLayers:
+    return VQLayers.from_linears(list(linears) or [_linear()], k=k, d=4, n_candidates=n, kmeans_iters=10, **kwargs)
+
+
+def _hard_decode(vq: VQLayers, index: int = 0) -> torch.Tensor:
+    return vq.layer_codebook(index)[vq.assignments(index)].reshape(vq.layer_shapes[index])
 
 
 def _fp16_codeword_linear(k: int = 8, d: int = 4) -> tuple[nn.Linear, torch.Tensor]:
@@ -33,22 +39,22 @@ def _fp16_codeword_linear(k: int = 8, d: int = 4) -> tuple[nn.Linear, torch.Tens
     return linear, words
 
 
-def _step(layer: VQLinear, seed: int) -> None:
+def _step(vq: VQLayers, seed: int) -> None:
     """A fake optimiser step: push the logits around at random, then freeze."""
     with torch.no_grad():
-        layer.logits.add_(torch.randn(layer.logits.shape, generator=torch.Generator().manual_seed(seed)) * 3)
-    layer.freeze_()
+        vq.logits.add_(torch.randn(vq.logits.shape, generator=torch.Generator().manual_seed(seed)) * 3)
+    vq.freeze_()
 
 
-def test_from_linear_shapes_and_clamped_k() -> None:
-    layer = VQLinear.from_linear(_linear(), k=256, d=4)
-    assert layer.k == 32  # 128 sub-vectors -> clamped to 128 / 4
-    assert layer.codebook.shape == (32, 4) and isinstance(layer.codebook, nn.Parameter)
-    assert layer.candidates.shape == (128, 2) and layer.candidates.dtype == torch.int64
-    assert layer.logits.shape == (128, 2) and isinstance(layer.logits, nn.Parameter)
-    assert layer.frozen.shape == (128,) and not layer.frozen.any() and not layer.is_hard
-    assert torch.equal(layer.bias.detach(), _linear().bias.detach())
-    assert layer(torch.randn(3, 32)).shape == (3, 16)
+def test_from_linears_shapes_clamped_k_and_global_candidates() -> None:
+    vq = _vq(_linear(), _linear(32, 64, seed=1), k=256)
+    assert vq.layer_shapes == [(16, 32), (32, 64)]
+    assert vq.codeword_offsets == [0, 32, 160]  # 128 sub-vectors -> k clamped to 32; 512 -> 128
+    assert vq.codebook.shape == (160, 4) and isinstance(vq.codebook, nn.Parameter)
+    assert vq.candidates.shape == (2, 640) and vq.logits.shape == (2, 640) and isinstance(vq.logits, nn.Parameter)
+    assert vq.candidates[:, :128].max() < 32 and vq.candidates[:, 128:].min() >= 32
+    assert not vq.frozen.any() and not vq.hard.any()
+    assert vq.weight(0).shape == (16, 32) and vq.weight(1).shape == (32, 64)
 
 
 def test_logit_init_prefers_nearer_codeword() -> None:
@@ -56,113 +62,163 @@ def test_logit_init_prefers_nearer_codeword() -> None:
     assert torch.allclose(logits[:, 1], torch.zeros(3))
     assert torch.allclose(logits[0, 0], torch.log(torch.tensor(4.0)))
     assert torch.isfinite(logits).all()
-    layer = VQLinear.from_linear(_linear(), k=16, d=4, n_candidates=3)
-    ratios = layer.ratios()
-    assert torch.all(ratios[:, 0] >= ratios[:, 1]) and torch.all(ratios[:, 1] >= ratios[:, 2])
-    assert torch.allclose(ratios.sum(1), torch.ones(len(ratios)))
+    ratios = _vq(n=3).ratios()
+    assert torch.all(ratios[0] >= ratios[1]) and torch.all(ratios[1] >= ratios[2])
+    assert torch.allclose(ratios.sum(0), torch.ones(ratios.shape[1]))
+
+
+def test_weights_and_their_gradients_equal_the_ratio_weighted_codewords() -> None:
+    """VQ4DiT's reconstruction w_i = sum_j r_ij c[cand_ij], differentiated by autograd on that formula."""
+    vq = _vq(_linear(), _linear(24, 32, seed=1), n=3)
+    _step(vq, 0)
+    codebook = vq.codebook.detach().clone().requires_grad_()
+    logits = vq.logits.detach().clone().requires_grad_()
+    ratios = logits.t().softmax(1)  # (N, n): r_ij of sub-vector i's candidate j
+    expected = torch.einsum("ij,ijd->id", ratios, codebook[vq.candidates.t()])
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    (expected * grad).sum().backward()
+    ours = torch.cat([vq.weight(0), vq.weight(1)]).reshape(-1, 4)
+    (ours * grad).sum().backward()
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(vq.codebook.grad, codebook.grad)
+    torch.testing.assert_close(vq.logits.grad, logits.grad)
+    assert vq.frozen.any() and torch.all(vq.logits.grad[:, vq.frozen] == 0)
+    assert torch.equal(vq.ratios()[:, vq.frozen].max(0).values, torch.ones(int(vq.frozen.sum())))  # exactly one-hot
+
+
+@pytest.mark.parametrize("sorted_sum", [False, True])
+def test_both_codebook_gradient_forms_equal_a_float64_scatter(sorted_sum) -> None:
+    """The CPU form (index_add_) and the GPU form (fixed codeword order, segment sums), against a direct sum."""
+    vq = _vq(_linear(), _linear(24, 32, seed=1), n=3)
+    grad = torch.randn(vq.frozen.shape[0], 4, generator=torch.Generator().manual_seed(2))
+    ratios = vq.ratios().detach()
+    expected = torch.zeros(vq.codebook.shape, dtype=torch.float64)
+    for j in range(vq.n_candidates):
+        for i, c in enumerate(vq.candidates[j].tolist()):
+            expected[c] += ratios[j, i].double() * grad[i].double()
+    got = codebook_gradient(grad, ratios, vq.candidates, vq.order, vq.codeword_bounds, vq.codebook.shape, sorted_sum)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_codebook_trains_only_after_hard_under_after_hard_training() -> None:
+    vq = _vq(_linear(), _linear(seed=1), codebook_training="after-hard")
+    vq.hard[1] = True
+    vq.weight(0).sum().add(vq.weight(1).sum()).backward()
+    grad = vq.codebook.grad
+    assert torch.all(grad[: vq.codeword_offsets[1]] == 0) and torch.any(grad[vq.codeword_offsets[1]:] != 0)
 
 
 def test_one_hot_ratios_reconstruct_hard_decoding_exactly() -> None:
-    layer = VQLinear.from_linear(_linear(), k=16, d=4)
-    layer.layer_threshold = 1.0  # stay soft with every sub-vector frozen
-    _step(layer, 0)
-    layer.freeze_(threshold=0.0)
-    assert layer.frozen.all() and not layer.is_hard
-    soft = layer.weight()
-    assert torch.equal(soft, _hard_decode(layer))
-    layer.layer_threshold = 0.99
-    layer.freeze_()
-    assert layer.is_hard and torch.equal(layer.weight(), soft)
+    vq = _vq()
+    vq.layer_threshold = 1.0  # stay soft with every sub-vector frozen
+    _step(vq, 0)
+    vq.freeze_(threshold=-1.0)
+    assert vq.frozen.all() and not vq.hard.any()
+    soft = vq.weight(0).detach().clone()
+    assert torch.equal(soft, _hard_decode(vq))
+    vq.layer_threshold = 0.99
+    vq.freeze_()
+    assert vq.hard.all() and torch.equal(vq.weight(0), soft)
 
 
 def test_codeword_weight_quantizes_without_error() -> None:
     linear, _ = _fp16_codeword_linear()
-    layer = VQLinear.from_linear(linear, k=8, d=4, n_candidates=1)
-    assert layer.is_hard
-    assert torch.equal(layer.weight(), linear.weight.detach())
-    x = torch.randn(5, 32)
-    assert torch.allclose(layer(x), linear(x), atol=1e-6)
+    vq = VQLayers.from_linears([linear], k=8, d=4, n_candidates=1)
+    assert vq.hard.all()
+    assert torch.equal(vq.weight(0), linear.weight.detach())
 
 
 def test_n1_is_hard_nearest_assignment() -> None:
-    layer = VQLinear.from_linear(_linear(), k=16, d=4, n_candidates=1)
-    assert layer.is_hard and layer.frozen.all() and layer.frozen_fraction() == 1.0
-    assert layer.ratio_regularizer().item() == 0.0
-    nearest = torch.cdist(_linear().weight.detach().reshape(-1, 4), layer.codebook.detach()).argmin(1)
-    assert torch.equal(layer.assignments(), nearest)
+    vq = _vq(n=1)
+    assert vq.hard.all() and vq.frozen.all()
+    l_r, frozen = vq.layer_stats()
+    assert l_r.tolist() == [0.0] and frozen.tolist() == [1.0] and vq.ratio_loss().item() == 0.0
+    nearest = torch.cdist(_linear().weight.detach().reshape(-1, 4), vq.layer_codebook(0)).argmin(1)
+    assert torch.equal(vq.assignments(0), nearest)
 
 
 def test_freezing_never_unfreezes() -> None:
-    layer = VQLinear.from_linear(_linear(out_features=64), k=16, d=4, n_candidates=3)
-    layer.layer_threshold = 1.0
-    frozen = layer.frozen.clone()
-    decoded = layer.weight().detach().reshape(-1, 4).clone()
+    vq = _vq(_linear(out_features=64), n=3)
+    vq.layer_threshold = 1.0
+    frozen = vq.frozen.clone()
+    decoded = vq.weight(0).detach().reshape(-1, 4).clone()
     for seed in range(15):
-        _step(layer, seed)  # moves frozen logits too, as momentum would
-        vectors = layer.weight().detach().reshape(-1, 4)
-        assert torch.all(layer.frozen >= frozen)
+        _step(vq, seed)  # moves frozen logits too, as momentum would
+        vectors = vq.weight(0).detach().reshape(-1, 4)
+        assert torch.all(vq.frozen >= frozen)
         assert torch.equal(vectors[frozen], decoded[frozen])
-        decoded[layer.frozen & ~frozen] = vectors[layer.frozen & ~frozen]
-        frozen = layer.frozen.clone()
-    assert 0.5 < layer.frozen_fraction() <= 1.0
+        decoded[vq.frozen & ~frozen] = vectors[vq.frozen & ~frozen]
+        frozen = vq.frozen.clone()
+    assert 0.5 < vq.layer_stats()[1].item() <= 1.0
 
 
-def test_frozen_logits_get_no_gradient() -> None:
-    layer = VQLinear.from_linear(_linear(), k=16, d=4)
-    layer.layer_threshold = 1.0
+def test_layer_turns_hard_past_99_percent_frozen_on_its_own() -> None:
+    vq = _vq(_linear(out_features=64, in_features=64), _linear(seed=1))  # 1024 and 128 sub-vectors
     with torch.no_grad():
-        layer.logits[:10, 1] = 10.0  # sub-vectors 0..9 prefer candidate 1
-    layer.freeze_()
-    assert layer.frozen[:10].all() and not layer.frozen[10:].all()
-    (layer(torch.randn(4, 32)).pow(2).sum() + layer.ratio_regularizer()).backward()
-    assert torch.all(layer.logits.grad[layer.frozen] == 0)
-    assert torch.any(layer.logits.grad[~layer.frozen] != 0)
+        vq.logits.zero_()
+        vq.logits[0] = 20.0
+        vq.logits[0, :11] = 0.0  # layer 0: 11 undecided sub-vectors, 1013 / 1024 = 98.9 % frozen
+        vq.logits[0, 1024:] = 0.0  # layer 1: nothing decided
+    vq.freeze_()
+    assert vq.hard.tolist() == [False, False] and int(vq.frozen[:1024].sum()) == 1013
+    with torch.no_grad():
+        vq.logits[1, 0] = 30.0  # 1014 / 1024 = 99.02 %
+    vq.freeze_()
+    assert vq.hard.tolist() == [True, False] and vq.frozen[:1024].all() and not vq.frozen[1024:].any()
+    l_r, _ = vq.layer_stats()
+    assert l_r[0] == 0 and l_r[1] > 0
+    assert torch.equal(vq.weight(0), _hard_decode(vq, 0))
+    weight = vq.weight(0).detach().clone()
+    _step(vq, 5)  # logits pushed around (frozen ones sit at 10000)
+    assert torch.equal(vq.weight(0), weight)  # hard for good
 
 
-def test_layer_turns_hard_past_99_percent_frozen() -> None:
-    layer = VQLinear.from_linear(_linear(out_features=64, in_features=64), k=16, d=4)  # 1024 sub-vectors
-    with torch.no_grad():
-        layer.logits[:, 0] = 20.0
-        layer.logits[:11, 0] = 0.0  # 11 undecided sub-vectors: 1013 / 1024 = 98.9 % frozen
-    layer.freeze_()
-    assert not layer.is_hard and layer.frozen.sum() == 1013
-    assert layer.ratio_regularizer().item() > 0
-    with torch.no_grad():
-        layer.logits[0, 1] = 30.0  # 1014 / 1024 = 99.02 %
-    layer.freeze_()
-    assert layer.is_hard and layer.frozen.all() and bool(layer.hard)
-    assert not layer.logits.requires_grad and layer.ratio_regularizer().item() == 0.0
-    assert torch.equal(layer.weight(), _hard_decode(layer))
-    params = [name for name, p in layer.named_parameters() if p.requires_grad]
-    assert params == ["codebook", "bias"]
-    weight = layer.weight().detach().clone()
-    with torch.no_grad():
-        layer.logits.mul_(-1)
-    layer.freeze_()
-    assert torch.equal(layer.weight(), weight)  # hard for good
+def test_rmsprop_leaves_frozen_subvectors_exactly_in_place() -> None:
+    vq = _vq(_linear(out_features=64), n=3)
+    vq.layer_threshold = 1.0
+    _step(vq, 0)
+    frozen, logits = vq.frozen.clone(), vq.logits.detach().clone()
+    optimizer = torch.optim.RMSprop([vq.logits], lr=0.05, alpha=0.9)
+    for seed in range(5):
+        target = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed))
+        optimizer.zero_grad()
+        (vq.weight(0) - target).pow(2).sum().add(vq.ratio_loss()).backward()
+        optimizer.step()
+    assert frozen.any() and torch.equal(vq.logits[:, frozen], logits[:, frozen])
+    assert not torch.equal(vq.logits[:, ~frozen], logits[:, ~frozen])
 
 
-def test_ratio_regularizer_counts_active_subvectors_only() -> None:
-    layer = VQLinear.from_linear(_linear(), k=16, d=4)
-    with torch.no_grad():
-        layer.logits.zero_()  # r = 1/2 everywhere: n * mean(r (1 - r)) = 2 * 1/4
-    assert torch.isclose(layer.ratio_regularizer(), torch.tensor(0.5))
-    layer.layer_threshold = 1.0
-    with torch.no_grad():
-        layer.logits[:64, 0] = 20.0
-    layer.freeze_()
-    assert torch.isclose(layer.ratio_regularizer(), torch.tensor(0.5))
+def _layer_regularizer(r: torch.Tensor, active: torch.Tensor) -> float:
+    """VQ4DiT's L_r of one layer, as the authors write it: n * mean over active rows of mean_j r_j (1 - r_j)."""
+    n = r.shape[1]
+    rows = [float(sum(p * (1 - p) for p in row) / n) for row, keep in zip(r.tolist(), active.tolist()) if keep]
+    return n * sum(rows) / len(rows) if rows else 0.0
+
+
+def test_ratio_loss_is_the_mean_over_soft_layers_of_the_per_layer_regulariser() -> None:
+    vq = _vq(_linear(), _linear(24, 32, seed=1), _linear(seed=2))
+    vq.layer_threshold = 1.0
+    _step(vq, 3)
+    vq.hard[2] = True  # a hard layer takes no part
+    vq.freeze_()
+    soft = vq.logits.detach().t().softmax(1)
+    per_layer = [_layer_regularizer(soft[start:end], ~vq.frozen[start:end])
+                 for start, end in zip(vq.row_offsets, vq.row_offsets[1:])]
+    assert vq.frozen.any() and not vq.frozen.all()
+    assert vq.ratio_loss().item() == pytest.approx((per_layer[0] + per_layer[1]) / 2, rel=1e-5)
+    assert vq.layer_stats()[0].tolist() == pytest.approx([per_layer[0], per_layer[1], 0.0], rel=1e-5)
 
 
 def test_packed_dequantize_equals_hard_weight(tmp_path: Path) -> None:
     linear, words = _fp16_codeword_linear()
-    layer = VQLinear.from_linear(linear, k=8, d=4)
-    _step(layer, 1)
+    vq = VQLayers.from_linears([linear], k=8, d=4, n_candidates=2)
+    _step(vq, 1)
+    layer = attach(nn.Sequential(linear), ["0"], vq)["0"]
     packed = layer.packed()
     assert packed["assignments"].dtype == torch.uint8 and packed["codebook"].dtype == torch.float16
     assert packed["bias"].dtype == torch.float32 and packed["shape"].tolist() == [16, 32]
     weight, bias = dequantize(packed)
-    assert torch.equal(weight, _hard_decode(layer)) and torch.equal(bias, linear.bias.detach())
+    assert torch.equal(weight, _hard_decode(vq)) and torch.equal(bias, linear.bias.detach())
     save_file(packed, tmp_path / "layer.safetensors")
     loaded = load_file(tmp_path / "layer.safetensors")
     assert loaded.keys() == packed.keys()
@@ -171,7 +227,8 @@ def test_packed_dequantize_equals_hard_weight(tmp_path: Path) -> None:
 
 
 def test_packed_without_bias() -> None:
-    layer = VQLinear.from_linear(nn.Linear(32, 16, bias=False), k=8, d=4)
+    linear = _linear(bias=False)
+    layer = attach(nn.Sequential(linear), ["0"], _vq(linear, k=8))["0"]
     assert layer.bias is None and "bias" not in layer.packed()
     weight, bias = dequantize(layer.packed())
     assert bias is None and weight.shape == (16, 32)
@@ -183,13 +240,14 @@ def test_index_dtype() -> None:
     assert index_dtype((1 << 15) + 1) == torch.int32
 
 
-def test_state_dict_round_trip_keeps_hard_flag() -> None:
-    layer = VQLinear.from_linear(_linear(), k=16, d=4)
-    layer.freeze_(threshold=0.0)
-    assert layer.is_hard
-    fresh = VQLinear.from_linear(_linear(), k=16, d=4)
-    fresh.load_state_dict(layer.state_dict())
-    assert fresh.is_hard and torch.equal(fresh.weight(), layer.weight())
+def test_state_dict_rebuilds_the_container() -> None:
+    vq = _vq(_linear(), _linear(24, 32, seed=1))
+    _step(vq, 2)
+    vq.hard[1] = True
+    again = VQLayers.from_state_dict(vq.state_dict())
+    assert torch.equal(again.hard, vq.hard) and torch.equal(again.frozen, vq.frozen)
+    assert all(torch.equal(again.weight(i), vq.weight(i)) for i in range(2))
+    assert torch.equal(again.assignments(1), vq.assignments(1))
 
 
 def _tiny_dit() -> DiTTransformer2DModel:
@@ -212,11 +270,14 @@ def test_block_linear_names_of_tiny_dit() -> None:
 def test_quantize_model_linears_swaps_in_place() -> None:
     model = _tiny_dit()
     names = block_linear_names(model)
-    layers = quantize_model_linears(model, names, k=8, d=4, n_candidates=2, kmeans_iters=10)
-    assert set(layers) == set(names)
-    for name in names:
-        assert model.get_submodule(name) is layers[name]
+    biases = {name: model.get_submodule(name).bias.detach().clone() for name in names}
+    vq, layers = quantize_model_linears(model, names, k=8, d=4, n_candidates=2, kmeans_iters=10)
+    assert list(layers) == names and len(vq) == len(names)
+    for index, name in enumerate(names):
+        assert model.get_submodule(name) is layers[name] and layers[name].index == index
+        assert torch.equal(layers[name].bias, biases[name])
     assert block_linear_names(model) == []
+    assert not any(p is vq.codebook for p in model.parameters())  # the container is not a submodule
     out = model(torch.randn(1, 1, 8, 8), timestep=torch.tensor([3]), class_labels=torch.tensor([1])).sample
     assert out.shape == (1, 2, 8, 8) and torch.isfinite(out).all()
     with pytest.raises(TypeError):

@@ -1,6 +1,9 @@
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -73,8 +76,8 @@ def test_unknown_method_is_rejected_with_the_setting_named(tiny_dit_dir, tmp_pat
     assert "odd" in err.value.stderr.decode() and "magic" in err.value.stderr.decode()
 
 
-TINY_CALIBRATION = {"trajectories": 1, "labels_per_trajectory": 2, "steps": 4, "iterations": 5, "batch_size": 4,
-                    "kmeans_iters": 5, "ratio_reg_start": 0}
+TINY_CALIBRATION = {"outer_iterations": 2, "labels_per_trajectory": 2, "steps": 4, "kmeans_iters": 5,
+                    "ratio_reg_start": 0}
 
 
 @pytest.mark.parametrize("method", ["vq-kmeans", "vq-codebook", "vq4dit"])
@@ -102,3 +105,35 @@ def test_vq_settings_pack_hard_assignments_that_reload_bit_exactly(tiny_dit, tin
     assert torch.equal(model.state_dict()[f"{name}.weight"], state[f"{name}.weight"])
     assert info["size"]["bits_per_weight"] == 1.0 and info["block_mse"] > 0  # log2(16) / 4
     assert ("calibration_seconds" in info) == (method != "vq-kmeans")
+    if method != "vq-kmeans":
+        assert info["optimizer_steps"] == 8 and info["precision"] == "tf32" and info["device"].startswith("CPU")
+
+
+def _quantize_command(tiny_dit_dir, tmp_path, name: str, calibration: dict) -> list[str]:
+    setting = {"id": "vq4dit", "method": "vq4dit", "k": 16, "d": 4, "n_candidates": 2}
+    return [sys.executable, "-m", "vq4dit", "quantize", "--transformer", str(tiny_dit_dir), "--setting",
+            json.dumps(setting), "--calibration", json.dumps(calibration), "--device", "cpu",
+            "--output", str(tmp_path / f"{name}.safetensors"), "--info", str(tmp_path / f"{name}.json"),
+            "--checkpoint", str(tmp_path / f"{name}.resume.pt")]
+
+
+def test_calibration_killed_mid_run_resumes_to_the_same_packed_tensors(tiny_dit_dir, tmp_path):
+    """SIGKILL after the first checkpoint (mid-trajectory: two staggered streams); the rerun resumes there and
+    writes what an uninterrupted run writes."""
+    calibration = {**TINY_CALIBRATION, "outer_iterations": 24, "steps": 5, "streams": 2, "checkpoint_minutes": 0}
+    subprocess.run(_quantize_command(tiny_dit_dir, tmp_path, "whole", calibration), check=True, capture_output=True)
+    assert not (tmp_path / "whole.resume.pt").exists()  # removed once the job is done
+    command = _quantize_command(tiny_dit_dir, tmp_path, "cut", calibration)
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "cut.resume.pt"
+    while not checkpoint.exists() and job.poll() is None:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL and not (tmp_path / "cut.json").exists()  # killed mid-run
+    resumed = subprocess.run(command, check=True, capture_output=True, text=True)
+    step = int(re.search(r"resuming calibration at optimiser step (\d+)", resumed.stderr).group(1))
+    assert 0 < step < 24 * 5
+    whole, cut = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
+    info = json.loads((tmp_path / "cut.json").read_text())
+    assert info["optimizer_steps"] == 24 * 5 and not checkpoint.exists()

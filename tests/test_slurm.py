@@ -44,7 +44,7 @@ REDUCED = dict(
     metrics={"sample_counts": [60]},  # the first shard: metrics at two counts, as the smoke preset has
     settings=["fp", "rtn-w2", "vq4dit-w2"],
     ablation_candidates={"settings": ["vq-codebook-w2", "vq4dit-w2"], "steps": [4]},
-    calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
+    calibration={"outer_iterations": 2, "steps": 4, "kmeans_iters": 10},
 )
 
 

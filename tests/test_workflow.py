@@ -149,7 +149,7 @@ def test_smoke_run_end_to_end(workdir):
         sampling={"steps": [4, 8], "n_samples": 120, "shard_size": 60, "batch_size": 60},
         settings=["fp", "rtn-w2", "vq4dit-w2"],
         ablation_candidates={"settings": ["vq-codebook-w2", "vq4dit-w2"], "steps": [4]},
-        calibration={"trajectories": 1, "steps": 4, "iterations": 10, "kmeans_iters": 10},
+        calibration={"outer_iterations": 2, "steps": 4, "kmeans_iters": 10},
         metrics={"sample_counts": [24]},  # 120 x 10k/50k
     )
     settings = yaml.safe_load((workdir / config).read_text())["settings"]

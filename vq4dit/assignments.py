@@ -4,28 +4,43 @@ Every sub-vector of a layer's weight keeps a candidate set of its ``n`` nearest 
 ``n`` learnable logits; its ratios are ``softmax(logits)`` and it is rebuilt as the
 ratio-weighted average of its candidate codewords.
 
-Freezing: a frozen sub-vector keeps its chosen codeword in candidate column 0 (``freeze_``
-swaps the argmax candidate, and its logit, into column 0) and its ratios are the constant
-one-hot ``[1, 0, ...]``, selected with ``torch.where``. The autograd graph therefore gives its
-logits an exactly zero gradient, and because its ratios never read the logits again, even an
-optimiser with momentum that keeps moving them cannot un-freeze it. Once more than
-``layer_threshold`` of a layer's sub-vectors are frozen, every sub-vector is frozen on its argmax
-and the layer turns hard for good: weight = codebook[candidates[:, 0]], only codebook and bias
-still train.
+All VQ layers of a model live in one :class:`VQLayers` container, as flat tensors: the codebooks of
+every layer stacked into one ``(K, d)`` parameter (candidates hold global codeword indices), every
+layer's logits in one ``(N, n)`` parameter. A calibration step therefore rebuilds every weight, its
+ratio regulariser and its freezing with a handful of operators for the whole model instead of a
+handful per layer (each operator is at least one kernel launch on a GPU), and nothing in it reads a
+number back to the host. The model's ``nn.Linear`` modules are replaced by thin :class:`VQLinear`
+modules that take their weight from the container.
+
+Tensors are candidate-major: logits and candidates are ``(n, N)``, so the softmax over a sub-vector's
+candidates and every per-candidate operation runs over contiguous rows (a softmax over a last
+dimension of size 2 is ten times slower on a CPU).
+
+Freezing (the authors' way): a sub-vector whose largest ratio exceeds ``freeze_threshold`` gets the
+logits ``10000 * one_hot(argmax)``. Its softmax is then exactly one-hot in float32, so its ratio
+gradient is exactly zero, RMSprop (no momentum) leaves it in place, and its ratio regulariser is
+exactly zero: nothing in a step needs to mask frozen sub-vectors. Candidates never change. Once more
+than ``layer_threshold`` of a layer's sub-vectors are frozen, every sub-vector of it freezes on its
+argmax and the layer is hard for good.
 """
 
+from __future__ import annotations
+
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq4dit.codebook import clamp_k, kmeans, nearest, subvectors
+from vq4dit.codebook import clamp_k, kmeans, nearest, segment_sums, subvectors
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-8
 """Added to candidate distances before the logit init's log-ratio (guards distance 0)."""
+CODEBOOK_TRAINING = ("always", "after-hard")
+"""When a layer's codebook trains: from the start (the paper's text) or once the layer is hard (the authors' code)."""
 
 
 def init_logits(distances: Tensor) -> Tensor:
@@ -38,180 +53,296 @@ def init_logits(distances: Tensor) -> Tensor:
     return torch.log(distances[:, -1:] / distances)
 
 
-def _swap_to_front(choice: Tensor, n: int) -> Tensor:
-    """Per-row column permutation (N, n) swapping column ``choice`` with column 0."""
-    perm = torch.arange(n, device=choice.device).expand(choice.shape[0], n).clone()
-    perm[:, 0] = choice
-    return perm.scatter_(1, choice.unsqueeze(1), 0)
+FROZEN_LOGIT = 1e4
+"""Logit of a frozen sub-vector's chosen candidate (the others get 0): softmax is exactly one-hot (the authors' value)."""
 
 
-class VQLinear(nn.Module):
-    """A linear layer whose weight is rebuilt from a codebook and (soft or hard) assignments."""
+class _SoftWeight(torch.autograd.Function):
+    """Sub-vectors ``sum_j r_j c[cand_j]`` (N, d) from ratios and candidates (n, N); deterministic backward.
 
-    layer_threshold: float = 0.99
-    """Frozen fraction above which the whole layer switches to hard assignments."""
-
-    def __init__(
-        self,
-        codebook: Tensor,
-        candidates: Tensor,
-        logits: Tensor,
-        bias: Tensor | None,
-        in_features: int,
-        out_features: int,
-    ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.codebook = nn.Parameter(codebook.float())
-        self.logits = nn.Parameter(logits.float())
-        self.register_parameter("bias", nn.Parameter(bias.detach().clone()) if bias is not None else None)
-        self.register_buffer("candidates", candidates.long())
-        self.register_buffer("frozen", torch.zeros(candidates.shape[0], dtype=torch.bool, device=candidates.device))
-        self.register_buffer("hard", torch.tensor(False, device=candidates.device))
-        self._is_hard = False
-        self.register_load_state_dict_post_hook(VQLinear._sync_hard)
-        if candidates.shape[1] == 1:
-            self._harden_()
-
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        k: int,
-        d: int,
-        n_candidates: int = 2,
-        kmeans_iters: int = 100,
-        seed: int = 0,
-    ) -> "VQLinear":
-        """Quantize ``linear``: k-means codebook (k clamped), n nearest codewords, logit init.
-
-        ``n_candidates = 1`` gives the hard nearest-codeword layer ("vq-kmeans" baseline).
-        """
-        x = subvectors(linear.weight.detach(), d)
-        k_eff = clamp_k(k, x.shape[0])
-        codebook, nearest_one = kmeans(x, k_eff, iters=kmeans_iters, seed=seed)
-        n = min(n_candidates, k_eff)
-        if n == 1:  # k-means' own assignments are the nearest codewords; one candidate's logit is 0
-            candidates, distances = nearest_one.unsqueeze(1), torch.ones(x.shape[0], 1, device=x.device)
-        else:
-            candidates, distances = nearest(x, codebook, n)
-        log.debug("VQLinear %s: k=%d d=%d n=%d", tuple(linear.weight.shape), k_eff, d, n)
-        return cls(codebook, candidates, init_logits(distances), linear.bias, linear.in_features, linear.out_features)
+    Written by hand because autograd's backward of ``codebook[candidates]`` is a scatter-add that CUDA
+    does with atomic adds, or, in deterministic mode, by sorting the N·n indices at every step. Here the
+    codebook gradient is ``index_add_`` in index order on a CPU (deterministic there, and the fastest
+    form) and, on a GPU, a float64 segment sum in the candidates' codeword order, sorted once.
+    """
 
     @staticmethod
-    def _sync_hard(module: "VQLinear", _incompatible_keys: object) -> None:
-        module._is_hard = bool(module.hard.item())
-        module.logits.requires_grad_(not module._is_hard)
+    def forward(ctx, ratios: Tensor, codebook: Tensor, candidates: Tensor, order: Tensor, bounds: Tensor) -> Tensor:
+        words = [F.embedding(column, codebook) for column in candidates]
+        out = words[0] * ratios[0].unsqueeze(1)
+        for word, ratio in zip(words[1:], ratios[1:]):
+            out.addcmul_(word, ratio.unsqueeze(1))
+        ctx.save_for_backward(ratios, candidates, order, bounds, *words)
+        ctx.codebook_shape = codebook.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ratios, candidates, order, bounds, *words = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_ratios = torch.stack([torch.einsum("nd,nd->n", word, grad) for word in words])
+        return grad_ratios, codebook_gradient(grad, ratios, candidates, order, bounds, ctx.codebook_shape), None, None, None
+
+
+def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: Tensor, bounds: Tensor,
+                      shape: torch.Size, sorted_sum: bool | None = None) -> Tensor:
+    """``sum over (j, i) with candidates[j, i] = c`` of ``ratios[j, i] * grad[i]`` for every codeword c.
+
+    ``sorted_sum`` (default: on GPUs) sums in the fixed codeword ``order`` with :func:`segment_sums`;
+    otherwise ``index_add_`` in index order (deterministic on a CPU, not on a GPU).
+    """
+    contributions = [grad * ratio.unsqueeze(1) for ratio in ratios]
+    if sorted_sum if sorted_sum is not None else grad.device.type != "cpu":
+        return segment_sums(torch.cat(contributions).index_select(0, order), bounds).to(grad.dtype)
+    total = grad.new_zeros(shape)
+    for column, contribution in zip(candidates, contributions):
+        total.index_add_(0, column, contribution)
+    return total
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+class VQLayers(nn.Module):
+    """The VQ layers of one model in flat tensors (see the module docstring).
+
+    Parameters: ``codebook`` (K, d), every layer's codebook stacked; ``logits`` (n, N). Buffers:
+    ``candidates`` (n, N) global codeword indices; ``frozen`` (N,); ``hard`` (L,) per layer;
+    ``shapes`` (L, 2) and ``codebook_sizes`` (L,) describe the layers, so a state dict rebuilds the
+    container (:meth:`from_state_dict`).
+    """
+
+    freeze_threshold: float = 0.99
+    """Largest ratio above which a sub-vector freezes."""
+    layer_threshold: float = 0.99
+    """Frozen fraction above which a whole layer switches to hard assignments."""
+
+    def __init__(self, shapes: Tensor, codebook_sizes: Tensor, codebook: Tensor, candidates: Tensor,
+                 logits: Tensor, frozen: Tensor | None = None, hard: Tensor | None = None,
+                 codebook_training: str = "always") -> None:
+        super().__init__()
+        if codebook_training not in CODEBOOK_TRAINING:
+            raise ValueError(f"codebook_training {codebook_training!r}: expected one of {CODEBOOK_TRAINING}")
+        device = codebook.device
+        d = codebook.shape[1]
+        rows = [int(out) * int(inp) // d for out, inp in shapes.tolist()]
+        self.layer_shapes = [tuple(int(v) for v in shape) for shape in shapes.tolist()]
+        self.row_offsets = _offsets(rows)
+        self.codeword_offsets = _offsets([int(k) for k in codebook_sizes.tolist()])
+        self.codebook_training = codebook_training
+        self.codebook = nn.Parameter(codebook.float())
+        self.logits = nn.Parameter(logits.float())
+        n_rows = candidates.shape[1]
+        self.register_buffer("shapes", shapes.long().to(device))
+        self.register_buffer("codebook_sizes", codebook_sizes.long().to(device))
+        self.register_buffer("candidates", candidates.long())
+        self.register_buffer("frozen", frozen if frozen is not None else torch.zeros(n_rows, dtype=torch.bool, device=device))
+        self.register_buffer("hard", hard if hard is not None else torch.zeros(len(rows), dtype=torch.bool, device=device))
+        # derived, fixed for good: the codeword order of the candidates and per-layer row ranges
+        self.register_buffer("order", torch.argsort(self.candidates.flatten(), stable=True), persistent=False)
+        counts = torch.bincount(self.candidates.flatten(), minlength=codebook.shape[0])
+        self.register_buffer("codeword_bounds", F.pad(counts.cumsum(0), (1, 0)), persistent=False)
+        # per-layer sums and broadcasts in chunks of `chunk` rows, a divisor of every layer's row count:
+        # one contiguous reduction or broadcast instead of a scan over all rows
+        self.chunk = math.gcd(*rows)
+        chunks = torch.tensor([r // self.chunk for r in rows], device=device)
+        self.register_buffer("chunk_bounds", F.pad(chunks.cumsum(0), (1, 0)), persistent=False)
+        self.register_buffer("chunk_layer", torch.arange(len(rows), device=device).repeat_interleave(chunks),
+                             persistent=False)
+        self.register_buffer("rows_per_layer", torch.tensor(rows, device=device), persistent=False)
+        self.register_buffer("columns", torch.arange(self.n_candidates, device=device).unsqueeze(1), persistent=False)
+        self._cache: tuple | None = None
+        if self.n_candidates == 1:
+            self.harden_()
+
+    @classmethod
+    def from_linears(cls, linears: list[nn.Linear], k: int, d: int, n_candidates: int = 2, kmeans_iters: int = 100,
+                     seed: int = 0, codebook_training: str = "always") -> VQLayers:
+        """Quantize each linear: k-means codebook (k clamped), n nearest codewords, logit init.
+
+        ``n_candidates = 1`` gives hard nearest-codeword layers (the "vq-kmeans" baseline).
+        """
+        codebooks, candidates, logits = [], [], []
+        for linear in linears:
+            x = subvectors(linear.weight.detach(), d)
+            k_eff = clamp_k(k, x.shape[0])
+            codebook, nearest_one = kmeans(x, k_eff, iters=kmeans_iters, seed=seed)
+            n = min(n_candidates, k_eff)
+            if n == 1:  # k-means' own assignments are the nearest codewords; one candidate's logit is 0
+                cand, distances = nearest_one.unsqueeze(1), torch.ones(x.shape[0], 1, device=x.device)
+            else:
+                cand, distances = nearest(x, codebook, n)
+            offset = sum(c.shape[0] for c in codebooks)
+            codebooks.append(codebook)
+            candidates.append(cand.t() + offset)
+            logits.append(init_logits(distances).t())
+        n_sizes = {c.shape[0] for c in candidates}
+        if len(n_sizes) > 1:
+            raise ValueError(f"layers ended with different candidate counts {sorted(n_sizes)}: k too small for "
+                             f"n_candidates={n_candidates} in some layer")
+        device = codebooks[0].device
+        shapes = torch.tensor([tuple(linear.weight.shape) for linear in linears], device=device)
+        sizes = torch.tensor([c.shape[0] for c in codebooks], device=device)
+        return cls(shapes, sizes, torch.cat(codebooks), torch.cat(candidates, dim=1), torch.cat(logits, dim=1),
+                   codebook_training=codebook_training)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], codebook_training: str = "always") -> VQLayers:
+        """The container a state dict (``state_dict()``, e.g. of a calibration checkpoint) describes."""
+        keys = ("shapes", "codebook_sizes", "codebook", "candidates", "logits", "frozen", "hard")
+        return cls(*(state[key] for key in keys), codebook_training=codebook_training)
 
     @property
-    def is_hard(self) -> bool:
-        """Whether the layer uses hard (argmax) assignments for good."""
-        return self._is_hard
-
-    @property
-    def k(self) -> int:
-        return self.codebook.shape[0]
+    def n_candidates(self) -> int:
+        return self.candidates.shape[0]
 
     @property
     def d(self) -> int:
         return self.codebook.shape[1]
 
-    @property
-    def n_candidates(self) -> int:
-        return self.candidates.shape[1]
+    def __len__(self) -> int:
+        return len(self.layer_shapes)
 
-    def _front_one_hot(self) -> Tensor:
-        one_hot = torch.zeros(self.n_candidates, dtype=self.logits.dtype, device=self.logits.device)
-        one_hot[0] = 1.0
-        return one_hot
+    def _layer_sums(self, per_row: Tensor) -> Tensor:
+        """Per-layer sums (L,) of a per-sub-vector tensor (N,): float64, or int64 for integers and bools."""
+        dtype = torch.float64 if per_row.is_floating_point() else torch.int64
+        return segment_sums(per_row.view(-1, self.chunk).sum(dim=1, dtype=dtype), self.chunk_bounds)
+
+    def _by_row(self, per_layer: Tensor) -> Tensor:
+        """A per-layer tensor (L,) broadcast to sub-vectors viewed as (N / chunk, chunk)."""
+        return per_layer[self.chunk_layer].unsqueeze(1)
+
+    def _effective_codebook(self) -> Tensor:
+        """The codebook, with no gradient into layers that are not hard yet under ``after-hard`` training."""
+        if self.codebook_training == "always":
+            return self.codebook
+        trains = self.hard.repeat_interleave(self.codebook_sizes, output_size=self.codebook.shape[0])  # K rows: small
+        return torch.where(trains.unsqueeze(1), self.codebook, self.codebook.detach())
+
+    def _rebuild(self) -> tuple[Tensor, list[Tensor]]:
+        ratios = self.ratios()
+        vectors = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, self.order,
+                                    self.codeword_bounds)
+        rows = [end - start for start, end in zip(self.row_offsets, self.row_offsets[1:])]
+        weights = [part.view(out, inp) for part, (out, inp) in zip(vectors.split(rows), self.layer_shapes)]
+        return ratios, weights
+
+    def _state(self) -> tuple:
+        # in-place updates (optimiser steps, freezing, loading) bump a tensor's version counter
+        tensors = (self.codebook, self.logits, self.frozen, self.hard)
+        return (torch.is_grad_enabled(), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+
+    def _current(self) -> tuple[Tensor, list[Tensor]]:
+        """(ratios, every layer's weight), rebuilt once per parameter state."""
+        state = self._state()
+        if self._cache is None or self._cache[0] != state:
+            self._cache = (state, *self._rebuild())
+        return self._cache[1], self._cache[2]
+
+    def weight(self, index: int) -> Tensor:
+        """Reconstructed weight (out x in) of layer ``index``: ratio-weighted candidate codewords."""
+        return self._current()[1][index]
 
     def ratios(self) -> Tensor:
-        """Ratios (N, n): softmax of the logits, one-hot on column 0 for frozen sub-vectors."""
-        if self._is_hard:
-            return self._front_one_hot().expand(self.candidates.shape[0], -1)
-        return torch.where(self.frozen.unsqueeze(1), self._front_one_hot(), self.logits.softmax(dim=1))
+        """Ratios (n, N): softmax of the logits over the candidates (exactly one-hot for frozen sub-vectors)."""
+        return self.logits.softmax(dim=0)
 
-    def choice(self) -> Tensor:
-        """Chosen candidate column per sub-vector (N,): 0 if frozen, else the argmax ratio."""
-        return torch.where(self.frozen, 0, self.logits.detach().argmax(dim=1))
+    def _layer_regularizers(self, ratios: Tensor) -> tuple[Tensor, Tensor]:
+        """Per layer: (``n * mean(r (1 - r))`` over its active sub-vectors, 0 when hard; active sub-vectors).
 
-    def assignments(self) -> Tensor:
-        """Hard codeword index per sub-vector (N,)."""
-        if self._is_hard:
-            return self.candidates[:, 0]
-        return self.candidates.gather(1, self.choice().unsqueeze(1)).squeeze(1)
+        Frozen sub-vectors have exactly one-hot ratios, so they add exactly 0 to the sums.
+        """
+        active = self.rows_per_layer - self._layer_sums(self.frozen)
+        sums = self._layer_sums((ratios - ratios * ratios).sum(dim=0))
+        return sums / active.clamp(min=1) * (~self.hard), active
+
+    def ratio_loss(self) -> Tensor:
+        """L_r: mean over the layers that are not hard of ``n * mean(r (1 - r))`` over their active sub-vectors."""
+        per_layer, _ = self._layer_regularizers(self._current()[0])
+        return (per_layer.sum() / (~self.hard).sum().clamp(min=1)).to(self.logits.dtype)
+
+    @torch.no_grad()
+    def layer_stats(self) -> tuple[Tensor, Tensor]:
+        """Per layer: L_r (``n * mean(r (1 - r))`` over active sub-vectors, 0 when hard) and frozen fraction."""
+        l_r, active = self._layer_regularizers(self.ratios())
+        return l_r.float(), 1.0 - active / self.rows_per_layer
+
+    @torch.no_grad()
+    def freeze_(self, threshold: float | None = None) -> None:
+        """Freeze sub-vectors whose largest ratio exceeds ``threshold`` (default ``freeze_threshold``);
+        harden every layer with more than ``layer_threshold`` of its sub-vectors frozen."""
+        threshold = self.freeze_threshold if threshold is None else threshold
+        top, argmax = self.logits.softmax(dim=0).max(dim=0)
+        over = top > threshold
+        frozen_after = self._layer_sums(self.frozen | over)
+        harden = self.hard | (frozen_after > self.layer_threshold * self.rows_per_layer)
+        newly = ~self.frozen & (over.view(-1, self.chunk) | self._by_row(harden)).view(-1)
+        one_hot = (self.columns == argmax).to(self.logits.dtype) * FROZEN_LOGIT
+        self.logits.copy_(torch.where(newly, one_hot, self.logits))
+        self.frozen.logical_or_(newly)
+        self.hard.copy_(harden)
+
+    @torch.no_grad()
+    def harden_(self) -> None:
+        """Every sub-vector takes its largest-ratio candidate, every layer hard: what :meth:`packed` stores."""
+        self.freeze_(threshold=-1.0)
+
+    def _layer_rows(self, index: int) -> slice:
+        return slice(self.row_offsets[index], self.row_offsets[index + 1])
+
+    def assignments(self, index: int) -> Tensor:
+        """Codeword index per sub-vector of layer ``index`` (N_l,), local to its codebook: the largest ratio's."""
+        rows = self._layer_rows(index)
+        choice = self.logits.detach()[:, rows].argmax(dim=0)
+        chosen = self.candidates[:, rows].gather(0, choice.unsqueeze(0)).squeeze(0)
+        return chosen - self.codeword_offsets[index]
+
+    def layer_codebook(self, index: int) -> Tensor:
+        return self.codebook.detach()[self.codeword_offsets[index] : self.codeword_offsets[index + 1]]
+
+    def packed(self, index: int) -> dict[str, Tensor]:
+        """Layer ``index`` for storage, hard: assignments (smallest integer type), fp16 codebook, shape."""
+        codebook = self.layer_codebook(index)
+        packed = {
+            "assignments": self.assignments(index).to(index_dtype(codebook.shape[0])),
+            "codebook": codebook.half(),
+            "shape": torch.tensor(self.layer_shapes[index], dtype=torch.int64),
+        }
+        return {name: t.cpu().contiguous() for name, t in packed.items()}
+
+
+class VQLinear(nn.Module):
+    """A linear layer whose weight is layer ``index`` of a :class:`VQLayers` container; owns only its bias."""
+
+    def __init__(self, vq: VQLayers, index: int, bias: Tensor | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "vq", vq)  # a reference, not a submodule: the container is saved on its own
+        self.index = index
+        self.out_features, self.in_features = vq.layer_shapes[index]
+        self.register_parameter("bias", nn.Parameter(bias.detach().clone()) if bias is not None else None)
 
     def weight(self) -> Tensor:
-        """Reconstructed weight (out x in): ratio-weighted candidate codewords, or hard codewords."""
-        if self._is_hard:
-            vectors = self.codebook[self.candidates[:, 0]]
-        else:
-            vectors = (self.ratios().unsqueeze(2) * self.codebook[self.candidates]).sum(dim=1)
-        return vectors.reshape(self.out_features, self.in_features)
+        return self.vq.weight(self.index)
 
     def forward(self, x: Tensor) -> Tensor:
         """``F.linear`` with the reconstructed weight (cast to the input's dtype)."""
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight().to(x.dtype), bias)
 
-    def frozen_fraction(self) -> float:
-        """Fraction of sub-vectors frozen to one codeword."""
-        return float(self.frozen.float().mean().item())
-
-    @torch.no_grad()
-    def freeze_(self, threshold: float = 0.99) -> None:
-        """Freeze sub-vectors whose max ratio exceeds ``threshold``; harden the layer past ``layer_threshold``."""
-        if self._is_hard:
-            return
-        top, choice = self.logits.softmax(dim=1).max(dim=1)
-        rows = ~self.frozen & (top > threshold)
-        if rows.any():  # most steps freeze nothing: skip the permutation (this runs after every step)
-            self._freeze_rows_(rows, choice)
-        if self.frozen_fraction() > self.layer_threshold:
-            self._harden_()
-
-    def _freeze_rows_(self, rows: Tensor, choice: Tensor) -> None:
-        """Move the chosen candidate (and its logit) of the ``rows`` (N,) bool to column 0, mark them frozen."""
-        perm = _swap_to_front(torch.where(rows, choice, 0), self.n_candidates)
-        self.candidates.copy_(self.candidates.gather(1, perm))
-        self.logits.copy_(self.logits.gather(1, perm))
-        self.frozen |= rows
-
-    @torch.no_grad()
-    def _harden_(self) -> None:
-        """Freeze every remaining sub-vector on its argmax and switch to hard assignments for good."""
-        self._freeze_rows_(~self.frozen, self.logits.argmax(dim=1))
-        self.hard.fill_(True)
-        self._is_hard = True
-        self.logits.requires_grad_(False)
-        self.logits.grad = None
-
-    def ratio_regularizer(self) -> Tensor:
-        """n * mean(r * (1 - r)) over the not-yet-frozen sub-vectors (0 if there are none)."""
-        if self._is_hard:
-            return self.logits.new_zeros(())
-        r = self.logits.softmax(dim=1)
-        active = (~self.frozen).to(r.dtype)
-        per_row = (r * (1.0 - r)).mean(dim=1) * active
-        return per_row.sum() / active.sum().clamp(min=1.0) * self.n_candidates
-
     def packed(self) -> dict[str, Tensor]:
-        """Hard layer for storage: assignments (smallest integer type), fp16 codebook, fp32 bias, shape."""
-        packed = {
-            "assignments": self.assignments().to(index_dtype(self.k)),
-            "codebook": self.codebook.detach().half(),
-            "shape": torch.tensor([self.out_features, self.in_features], dtype=torch.int64),
-        }
+        """The hard layer for storage: :meth:`VQLayers.packed` plus the fp32 bias."""
+        packed = self.vq.packed(self.index)
         if self.bias is not None:
-            packed["bias"] = self.bias.detach().clone()
-        return {name: t.cpu().contiguous() for name, t in packed.items()}
+            packed["bias"] = self.bias.detach().cpu().clone()
+        return packed
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, d={self.d}, "
-            f"n_candidates={self.n_candidates}, hard={self._is_hard}, bias={self.bias is not None}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, layer={self.index}, " \
+               f"bias={self.bias is not None}"
 
 
 def index_dtype(k: int) -> torch.dtype:
@@ -230,15 +361,29 @@ def dequantize(packed: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     return weight.reshape(out_features, in_features), packed.get("bias")
 
 
-def quantize_model_linears(model: nn.Module, names: list[str], **vq_kwargs: object) -> dict[str, VQLinear]:
-    """Replace each named nn.Linear of ``model`` in place by ``VQLinear.from_linear(linear, **vq_kwargs)``."""
-    layers = {}
-    for name in names:
-        linear = model.get_submodule(name)
+def _linears(model: nn.Module, names: list[str]) -> list[nn.Linear]:
+    linears = [model.get_submodule(name) for name in names]
+    for name, linear in zip(names, linears):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is {type(linear).__name__}, not nn.Linear")
-        layers[name] = VQLinear.from_linear(linear, **vq_kwargs)
+    return linears
+
+
+def attach(model: nn.Module, names: list[str], vq: VQLayers) -> dict[str, VQLinear]:
+    """Replace each named ``nn.Linear`` of ``model`` in place by layer i of ``vq`` (keeping its bias)."""
+    layers = {}
+    for index, (name, linear) in enumerate(zip(names, _linears(model, names))):
+        if tuple(linear.weight.shape) != vq.layer_shapes[index]:
+            raise ValueError(f"{name}: weight {tuple(linear.weight.shape)} but VQ layer {index} is {vq.layer_shapes[index]}")
+        layers[name] = VQLinear(vq, index, linear.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layers[name])
-        log.info("quantized %s: k=%d d=%d", name, layers[name].k, layers[name].d)
     return layers
+
+
+def quantize_model_linears(model: nn.Module, names: list[str], **vq_kwargs: object) -> tuple[VQLayers, dict[str, VQLinear]]:
+    """Quantize the named ``nn.Linear`` modules of ``model`` (:meth:`VQLayers.from_linears`) and swap them in place."""
+    vq = VQLayers.from_linears(_linears(model, names), **vq_kwargs)
+    log.info("quantized %d layers: %d codewords of d=%d, %d sub-vectors x %d candidates", len(names),
+             vq.codebook.shape[0], vq.d, vq.candidates.shape[0], vq.n_candidates)
+    return vq, attach(model, names, vq)

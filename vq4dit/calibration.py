@@ -1,105 +1,122 @@
-"""Zero-data calibration of VQ4DiT's codebooks and candidate-assignment ratios.
+"""Zero-data calibration of VQ4DiT's codebooks and candidate-assignment ratios, the authors' way.
 
-No dataset: the calibration inputs are the model inputs of the full-precision (teacher) sampler
-started from Gaussian noise with random labels and classifier-free guidance. The loss of one
-optimiser step is ``lambda_d * L_d + lambda_r * L_r`` with ``L_d`` the MSE between teacher and
-student DiT-block outputs and ``L_r`` the mean of ``VQLinear.ratio_regularizer()`` over the
-still-soft layers. RMSprop (three parameter groups: codebooks, biases, logits), and after every
-step each layer freezes the sub-vectors whose max ratio exceeds ``freeze_threshold``.
+No dataset: every outer iteration draws seeded Gaussian noise and random labels and runs a fresh
+guided trajectory of the full-precision (teacher) sampler. At every sampling step the student sees
+the teacher's model input and **one optimiser step trains every block** (the authors' loop:
+``outer_iterations x steps`` whole-model steps, 1,000 x 50 for DiT-XL/2). Nothing is cached: each
+step's inputs exist only for that step, so memory does not grow with the budget or resolution.
 
-Two drivers:
+Loss ``lambda_d * L_d + lambda_r * on * L_r``: ``L_d`` is the mean over blocks of the block-output
+MSE, ``L_r`` the ratio regulariser (``VQLayers.ratio_loss``). Two objectives (``objective``):
 
-- :func:`calibrate_blockwise` (this project's fast design): the teacher's block inputs of the
-  whole calibration set are cached once; every student block is trained against its FP block
-  output with the FP block input (blocks are independent), on seeded random minibatches of the
-  cache. ``joint_blocks`` consecutive blocks share each optimiser step (one backward of the sum of
-  their losses: since block b's parameters only reach block b's loss, this equals training them
-  one by one on the same minibatches); 0 = all blocks at once, which needs the cache of every
-  block in memory, 1 = one block at a time (one block's cache: what fits DiT-XL/2 on one GPU).
-- :func:`calibrate_sequential` (the authors' loop, for comparison): every outer iteration runs one
-  guided teacher trajectory; at every sampling step the student sees the same model input, ``L_d``
-  is the mean over blocks of the block-output MSE (student blocks fed the student's own
-  activations), and one optimiser step is taken.
+- ``blockwise``: student block b is fed the teacher's input of block b (each block learns to
+  reproduce its FP block on FP inputs; blocks do not see each other's errors);
+- ``sequential`` (the authors' code): the student runs its whole forward on x_t, so block b sees
+  the student's own activations.
 
-Switching ``L_r`` on (``ratio_reg_start``): the authors add ``L_r`` once ``L_d`` stops
-decreasing. Here: an exponential moving average of ``L_d`` (decay :data:`LD_EMA_DECAY`) is
-tracked from the first step; once it has gone ``ratio_reg_start`` consecutive steps without a
-new minimum, ``L_r`` is on for good (per block for block-wise calibration, for the whole model
-in the sequential loop). ``ratio_reg_start = 0`` uses ``L_r`` from the first step.
+When ``L_r`` is on (``ratio_reg_rule``): ``patience`` (the paper's "once L_d stops decreasing": an
+exponential moving average of ``L_d`` that has gone ``ratio_reg_start`` steps without a new minimum
+switches it on for good, or ``ratio_reg_deadline`` of the budget at the latest) or
+``trajectory-min`` (the authors' code: added whenever ``L_r`` is above its running minimum within
+the current trajectory, the minimum reset at every trajectory). ``codebook_training``: ``always``
+(the paper's text) or ``after-hard`` (the authors' code: a layer's codebook trains only once its
+assignments are hard).
 
-Iteration budget: the authors take 1000 outer iterations x 50 sampling steps = 50,000 optimiser
-steps, each on a batch of 8 model inputs (4 labels + their 4 null-label copies), i.e. 400,000
-block inputs per block. Block-wise calibration gives each block ``iterations`` steps of
-``batch_size`` inputs; the defaults (50,000 x 8) match the authors' steps and inputs per block,
-and any ``iterations * batch_size = 400,000`` matches the inputs seen.
+No host synchronisation inside the loop: the switch, freezing and hardening are tensor operations;
+numbers are read back only at the history points (at most :data:`HISTORY_POINTS` + 1) and when a
+checkpoint is written, both inside :func:`host_reads`.
+
+Checkpoints: every ``checkpoint_minutes`` (at the end of a trajectory) the full state (VQ
+parameters and buffers, biases, optimiser, switch, history, the next outer iteration) is written
+atomically; a rerun with the same fingerprint resumes from it and ends bit-identical to an
+uninterrupted run. Trajectory i's noise and labels are a function of (``seed``, i) alone, so no
+generator state needs saving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq4dit.assignments import VQLinear
+from vq4dit.assignments import VQLayers, VQLinear, attach
 from vq4dit.io import progress
 from vq4dit.models import num_classes
-from vq4dit.sample import labels_for, sample_batch
+from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
 log = logging.getLogger(__name__)
 
 LD_EMA_DECAY = 0.98
-"""Decay of the L_d moving average that decides when L_r is switched on (~50 steps: one trajectory)."""
+"""Decay of the L_d moving average of the patience rule (~50 steps: one trajectory)."""
 
 FORWARD_BATCH = 128
-"""Batch size of no-grad forward passes (teacher caches, block MSE)."""
+"""Batch size of no-grad forward passes (block MSE)."""
 
 HISTORY_POINTS = 100
-"""History entries recorded per block (plus the last step)."""
+"""History entries recorded per run (plus the last step)."""
+
+OBJECTIVES = ("blockwise", "sequential")
+RATIO_REG_RULES = ("patience", "trajectory-min")
 
 
 @dataclass
 class CalibrationConfig:
     """Calibration settings; defaults are the authors' values where they have one.
 
-    ``lambda_r = 1.0``: the method gives no value for it; ``L_r`` already carries the authors'
-    factor ``n`` (see ``VQLinear.ratio_regularizer``), and 1.0 weighs it like ``lambda_d``.
-    ``trajectories = 16`` (the authors draw 1000, one per outer iteration) keeps the block-wise
-    cache of ``trajectories * labels_per_trajectory * 2 * steps`` block inputs in GPU memory for
-    DiT-XL/2 (6400 inputs: 7.5 GB per cache at 256x256, 30 GB at 512x512).
+    Budget: ``outer_iterations`` guided teacher trajectories of ``steps`` sampling steps, one
+    whole-model optimiser step per sampling step, each on ``2 * labels_per_trajectory`` model
+    inputs (labels and their null-label copies). ``lambda_r = 1.0``: the method gives no value;
+    ``L_r`` already carries the authors' factor ``n``.
     """
 
-    trajectories: int = 16
+    outer_iterations: int = 1000
     labels_per_trajectory: int = 4
     steps: int = 50
     cfg_scale: float = 4.0
     cfg_channels: int | None = None
     """Guided noise channels of the calibration sampler (None: all; DiT's own sampler guides 3)."""
-    iterations: int = 50_000
-    batch_size: int = 8
+    objective: str = "blockwise"
     lr_codebook: float = 1e-4
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
     rmsprop_alpha: float = 0.9
     lambda_d: float = 1.0
     lambda_r: float = 1.0
+    ratio_reg_rule: str = "patience"
     ratio_reg_start: int = 100
     """Patience (optimiser steps without a new minimum of the L_d moving average) before L_r is on."""
     ratio_reg_deadline: float = 1.0
-    """Fraction of the steps after which L_r is on even if L_d still improves (1.0: patience only).
-
-    The authors' patience rule alone assumes a budget long enough for L_d to level off; with a short
-    budget L_r may never switch on, and the final hardening then jumps from soft ratios."""
+    """Fraction of the steps after which L_r is on even if L_d still improves (1.0: patience only)."""
+    codebook_training: str = "always"
     freeze_threshold: float = 0.99
     layer_threshold: float = 0.99
     kmeans_iters: int = 100
     seed: int = 0
-    joint_blocks: int = 1
-    """Blocks calibrated together in one optimiser step (0: all); memory grows with it."""
+    precision: str = "tf32"
+    """Matmul precision: tf32 (the authors' TF32 matmuls; fp32 on a CPU), fp32, or bf16 autocast."""
+    streams: int = 1
+    """Teacher trajectories in flight, staggered by ``steps / streams`` sampling steps, that share the
+    ``labels_per_trajectory`` labels of a step (1: the authors' loop, every step at one timestep)."""
+    checkpoint_minutes: float = 5.0
+    """Minimum wall time between two resumable checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.streams < 1 or self.labels_per_trajectory % self.streams:
+            raise ValueError(f"calibration key 'streams': {self.streams} must be >= 1 and divide "
+                             f"labels_per_trajectory = {self.labels_per_trajectory}")
+        for key, value, allowed in (("objective", self.objective, OBJECTIVES),
+                                    ("ratio_reg_rule", self.ratio_reg_rule, RATIO_REG_RULES),
+                                    ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f"calibration key {key!r}: {value!r}, expected one of {list(allowed)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationConfig:
@@ -109,6 +126,27 @@ class CalibrationConfig:
         if unknown:
             raise ValueError(f"unknown calibration key(s) {unknown}; expected some of {sorted(known)}")
         return cls(**d)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.outer_iterations * self.steps
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """Which guided teacher trajectories to record: trajectory j draws ``labels_for(seed, j * labels, labels)``."""
+
+    trajectories: int
+    labels_per_trajectory: int
+    steps: int
+    cfg_scale: float
+    cfg_channels: int | None
+    seed: int
+
+
+def held_out(cfg: CalibrationConfig) -> Trajectories:
+    """One trajectory never used for calibration (seed + 1): the block-MSE check of every quantize job."""
+    return Trajectories(1, cfg.labels_per_trajectory, cfg.steps, cfg.cfg_scale, cfg.cfg_channels, cfg.seed + 1)
 
 
 @dataclass
@@ -133,254 +171,103 @@ class CalibrationSet:
         return CalibrationSet(self.latents[index], self.timesteps[index], self.labels[index])
 
 
-class RatioRegSwitch:
-    """Switches L_r on for good once the L_d moving average made no new minimum for ``patience`` steps,
-    or at step ``deadline`` at the latest (None: no deadline)."""
+def collect_calibration_inputs(model: nn.Module, spec, device: torch.device | str) -> CalibrationSet:
+    """Guided FP trajectories from seeded noise and random labels, every model input recorded.
 
-    def __init__(self, patience: int, deadline: int | None = None) -> None:
-        self.patience = patience
-        self.deadline = deadline
-        self.ema: float | None = None
-        self.best = math.inf
-        self.stale = 0
-        self.steps = 0
-        self.on = patience <= 0
-
-    def update(self, l_d: float) -> bool:
-        """Feed this step's L_d; returns whether L_r is on for this step."""
-        self.steps += 1
-        if not self.on and self.deadline is not None and self.steps > self.deadline:
-            self.on = True
-        if not self.on:
-            self.ema = l_d if self.ema is None else LD_EMA_DECAY * self.ema + (1 - LD_EMA_DECAY) * l_d
-            if self.ema < self.best:
-                self.best, self.stale = self.ema, 0
-            else:
-                self.stale += 1
-            self.on = self.stale >= self.patience
-        return self.on
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def collect_calibration_inputs(model: nn.Module, cfg: CalibrationConfig, device: torch.device | str) -> CalibrationSet:
-    """Zero-data calibration inputs: guided FP trajectories from seeded noise and random labels.
-
-    Trajectory ``j`` draws its labels and noise with ``labels_for(cfg.seed, j * L, L, classes)``;
-    every one of its ``cfg.steps`` model inputs (conditional and null halves) is recorded.
+    ``spec``: any object with the fields of :class:`Trajectories`. Trajectory ``j`` draws its
+    labels and noise with ``labels_for(spec.seed, j * L, L, classes)``.
     """
-
     model = model.to(device)
     records: list[tuple[Tensor, Tensor, Tensor]] = []
-    per = cfg.labels_per_trajectory
-    for j in progress(range(cfg.trajectories), desc="calibration trajectories", unit="traj"):
-        labels, generators = labels_for(cfg.seed, j * per, per, num_classes(model))
-        sample_batch(model, labels, generators, cfg.steps, cfg.cfg_scale, cfg.cfg_channels,
+    per = spec.labels_per_trajectory
+    for j in progress(range(spec.trajectories), desc="teacher trajectories", unit="traj"):
+        labels, generators = labels_for(spec.seed, j * per, per, num_classes(model))
+        sample_batch(model, labels, generators, spec.steps, spec.cfg_scale, spec.cfg_channels,
                      hook=lambda t, x, y: records.append((x.clone(), t.clone(), y.clone())))
     latents, timesteps, labels = (torch.cat(parts) for parts in zip(*records))
-    log.info("calibration set: %d model inputs (%d trajectories x %d steps)", len(latents), cfg.trajectories, cfg.steps)
+    log.info("%d teacher model inputs (%d trajectories x %d steps)", len(latents), spec.trajectories, spec.steps)
     return CalibrationSet(latents, timesteps, labels)
 
 
-def _block_index(name: str) -> int:
-    """Block number of a layer named ``transformer_blocks.<i>.…``."""
-    return int(name.split(".")[1])
+class _HostReads:
+    depth = 0
+    entries = 0
 
 
-def _layers_by_block(layers: dict[str, VQLinear], n_blocks: int) -> list[list[VQLinear]]:
-    grouped: list[list[VQLinear]] = [[] for _ in range(n_blocks)]
-    for name, layer in layers.items():
-        grouped[_block_index(name)].append(layer)
-    return grouped
+@contextlib.contextmanager
+def host_reads():
+    """Where the calibration loop may read numbers back to the host (history points, checkpoints)."""
+    _HostReads.depth += 1
+    _HostReads.entries += 1
+    try:
+        yield
+    finally:
+        _HostReads.depth -= 1
 
 
-def _prepare_student(q_model: nn.Module, layers: dict[str, VQLinear], cfg: CalibrationConfig) -> None:
-    """Train only the VQ layers' parameters; set each layer's hardening threshold."""
-    vq_params = {id(p) for layer in layers.values() for p in layer.parameters()}
-    for p in q_model.parameters():
-        if id(p) not in vq_params:
-            p.requires_grad_(False)
-    for layer in layers.values():
-        layer.layer_threshold = cfg.layer_threshold
+def inside_host_reads() -> bool:
+    return _HostReads.depth > 0
 
 
-def make_optimizer(layers: list[VQLinear], cfg: CalibrationConfig) -> torch.optim.RMSprop:
-    """RMSprop with the groups codebooks / biases / logits (trainable parameters only)."""
-    groups = [
-        ([layer.codebook for layer in layers], cfg.lr_codebook),
-        ([layer.bias for layer in layers if layer.bias is not None], cfg.lr_bias),
-        ([layer.logits for layer in layers], cfg.lr_logits),
-    ]
-    param_groups = [
-        {"params": trainable, "lr": lr}
-        for params, lr in groups
-        if (trainable := [p for p in params if p.requires_grad])
-    ]
-    return torch.optim.RMSprop(param_groups, alpha=cfg.rmsprop_alpha)
+class RatioRegSwitch:
+    """Whether L_r is added at a step, decided on the device (no host read); see the module docstring."""
+
+    def __init__(self, rule: str, patience: int, deadline: int | None, device: torch.device) -> None:
+        self.rule, self.patience, self.deadline = rule, patience, deadline
+        self.steps = 0
+        scalar = dict(device=device)
+        self.state = {
+            "ema": torch.zeros((), **scalar), "best": torch.full((), math.inf, **scalar),
+            "stale": torch.zeros((), dtype=torch.long, **scalar), "on": torch.tensor(patience <= 0, **scalar),
+            "running_min": torch.full((), math.inf, **scalar),
+            "first_on": torch.full((), -1, dtype=torch.long, **scalar), "on_steps": torch.zeros((), dtype=torch.long, **scalar),
+        }
+
+    def new_trajectory(self) -> None:
+        self.state["running_min"].fill_(math.inf)
+
+    def update(self, l_d: Tensor, l_r: Tensor) -> Tensor:
+        """This step's decision (0-dim bool tensor) from its detached L_d and L_r."""
+        s, step = self.state, self.steps
+        self.steps += 1
+        if self.rule == "patience":
+            s["ema"] = l_d if step == 0 else LD_EMA_DECAY * s["ema"] + (1 - LD_EMA_DECAY) * l_d
+            improved = s["ema"] < s["best"]
+            s["best"] = torch.where(improved, s["ema"], s["best"])
+            s["stale"] = torch.where(improved, 0, s["stale"] + 1)
+            s["on"] = s["on"] | (s["stale"] >= self.patience)
+            if self.deadline is not None and self.steps > self.deadline:
+                s["on"] = torch.ones_like(s["on"])
+            on = s["on"]
+        else:
+            on = l_r > s["running_min"]
+            s["running_min"] = torch.where(on, s["running_min"], l_r)
+        s["first_on"] = torch.where((s["first_on"] < 0) & on, step, s["first_on"])
+        s["on_steps"] = s["on_steps"] + on
+        return on
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, **self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.state = {key: state[key] for key in self.state}
 
 
-def ratio_loss(layers: list[VQLinear]) -> Tensor | None:
-    """Mean ``ratio_regularizer()`` over the still-soft layers (None if every layer is hard)."""
-    soft = [layer.ratio_regularizer() for layer in layers if not layer.is_hard]
-    return torch.stack(soft).mean() if soft else None
+class _Activations:
+    """Forward hooks keeping the latest input of block 0 and the output of every block of a model."""
 
+    def __init__(self, model: nn.Module) -> None:
+        self.block_input: Tensor | None = None
+        self.outputs: list[Tensor | None] = [None] * len(model.transformer_blocks)
+        self.handles = [model.pos_embed.register_forward_hook(self._keep_input)]
+        self.handles += [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(model.transformer_blocks)]
 
-def frozen_fraction(layers: list[VQLinear]) -> float:
-    """Fraction of the sub-vectors of ``layers`` frozen (hard layers count as fully frozen)."""
-    total = sum(layer.frozen.numel() for layer in layers)
-    return sum(int(layer.frozen.sum()) for layer in layers) / max(total, 1)
-
-
-def _freeze(layers: list[VQLinear], cfg: CalibrationConfig) -> None:
-    for layer in layers:
-        layer.freeze_(cfg.freeze_threshold)
-
-
-def _optimizer_step(
-    optimizer: torch.optim.Optimizer, terms: list[tuple[list[VQLinear], Tensor, RatioRegSwitch]],
-    cfg: CalibrationConfig,
-) -> list[Tensor | None]:
-    """One step on the sum over ``terms`` (layers, L_d, switch) of ``lambda_d L_d (+ lambda_r L_r once
-    that term's switch is on)``, then freeze every term's layers; returns each term's L_r (None if off)."""
-    loss, l_rs = 0.0, []
-    for layers, l_d, switch in terms:
-        l_r = ratio_loss(layers) if switch.update(float(l_d.detach())) else None
-        loss = loss + cfg.lambda_d * l_d + (cfg.lambda_r * l_r if l_r is not None else 0.0)
-        l_rs.append(l_r)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    for layers, _, _ in terms:
-        _freeze(layers, cfg)
-    return l_rs
-
-
-def _deadline(cfg: CalibrationConfig, total_steps: int) -> int | None:
-    """The step by which L_r is on at the latest (None: the patience rule alone)."""
-    return None if cfg.ratio_reg_deadline >= 1.0 else int(cfg.ratio_reg_deadline * total_steps)
-
-
-def _record_every(total_steps: int) -> int:
-    return max(1, total_steps // HISTORY_POINTS)
-
-
-def _run_block(block: nn.Module, hidden: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
-    return block(hidden, timestep=timesteps, class_labels=labels)
-
-
-@torch.no_grad()
-def _embed(model: nn.Module, calib: CalibrationSet) -> Tensor:
-    """Hidden states entering the first block: ``pos_embed(x)`` of every calibration input."""
-    return torch.cat([model.pos_embed(x) for x in calib.latents.split(FORWARD_BATCH)])
-
-
-@torch.no_grad()
-def _block_forward(block: nn.Module, hidden: Tensor, calib: CalibrationSet) -> Tensor:
-    """A block's output on the whole cache, in batches."""
-    return torch.cat([
-        _run_block(block, h, t, y)
-        for h, t, y in zip(hidden.split(FORWARD_BATCH), calib.timesteps.split(FORWARD_BATCH),
-                           calib.labels.split(FORWARD_BATCH))
-    ])
-
-
-def _to(calib: CalibrationSet, device: torch.device) -> CalibrationSet:
-    return CalibrationSet(calib.latents.to(device), calib.timesteps.to(device), calib.labels.to(device))
-
-
-def _block_groups(n_blocks: int, joint_blocks: int) -> list[range]:
-    size = joint_blocks if joint_blocks > 0 else n_blocks
-    return [range(g, min(g + size, n_blocks)) for g in range(0, n_blocks, size)]
-
-
-def _calibrate_group(
-    group: range, q_blocks: nn.ModuleList, layers: list[list[VQLinear]], cache: list[Tensor],
-    calib: CalibrationSet, cfg: CalibrationConfig, bar,
-) -> tuple[list[list[tuple[int, float, float, float]]], list[int | None]]:
-    """Train the student blocks of ``group`` on cached FP inputs ``cache[i]`` and outputs ``cache[i + 1]``.
-
-    Returns, per block, its history and the step L_r was switched on.
-    """
-    group_layers = [layer for b in group for layer in layers[b]]
-    optimizer = make_optimizer(group_layers, cfg)
-    switches = {b: RatioRegSwitch(cfg.ratio_reg_start, _deadline(cfg, cfg.iterations)) for b in group}
-    generator = torch.Generator().manual_seed(cfg.seed)  # every group draws the same minibatch sequence
-    every = _record_every(cfg.iterations)
-    history: dict[int, list] = {b: [] for b in group}
-    l_r_start: dict[int, int | None] = dict.fromkeys(group)
-    offset = group.start
-    for it in range(cfg.iterations):
-        index = torch.randint(len(calib), (cfg.batch_size,), generator=generator).to(cache[0].device)
-        t, y = calib.timesteps[index], calib.labels[index]
-        l_ds = {b: F.mse_loss(_run_block(q_blocks[b], cache[b - offset][index], t, y), cache[b - offset + 1][index])
-                for b in group}
-        l_rs = dict(zip(group, _optimizer_step(optimizer, [(layers[b], l_ds[b], switches[b]) for b in group], cfg)))
-        for b in group:
-            if switches[b].on and l_r_start[b] is None:
-                l_r_start[b] = it
-            if it % every == 0 or it == cfg.iterations - 1:
-                l_r = float(l_rs[b].detach()) if l_rs[b] is not None else 0.0
-                history[b].append((it, float(l_ds[b].detach()), l_r, frozen_fraction(layers[b])))
-                bar.set_postfix(block=b, L_d=f"{history[b][-1][1]:.3g}", L_r=f"{l_r:.3g}",
-                                frozen=f"{history[b][-1][3]:.3f}")
-        bar.update(len(group))
-    return [history[b] for b in group], [l_r_start[b] for b in group]
-
-
-def calibrate_blockwise(
-    fp_model: nn.Module, q_model: nn.Module, layers: dict[str, VQLinear], calib: CalibrationSet,
-    cfg: CalibrationConfig,
-) -> dict:
-    """Block-wise calibration on cached teacher block inputs (see the module docstring).
-
-    Returns ``{"blocks": per block [(iteration, L_d, L_r, frozen fraction), ...],
-    "ratio_reg_on": per block the step L_r was switched on (None: never),
-    "block_seconds": per block training time (a group's time split evenly over its blocks),
-    "calibration_seconds": total incl. the caches}``.
-    """
-    start = time.perf_counter()
-    device = _device(q_model)
-    calib = _to(calib, device)
-    _prepare_student(q_model, layers, cfg)
-    n_blocks = len(q_model.transformer_blocks)
-    blocks = _layers_by_block(layers, n_blocks)
-    hidden = _embed(fp_model, calib)
-    result: dict = {"blocks": [], "ratio_reg_on": [], "block_seconds": []}
-    with progress(total=cfg.iterations * n_blocks, desc="block-wise calibration", unit="step") as bar:
-        for group in _block_groups(n_blocks, cfg.joint_blocks):
-            group_start = time.perf_counter()
-            cache = [hidden]
-            for b in group:
-                cache.append(_block_forward(fp_model.transformer_blocks[b], cache[-1], calib))
-            histories, l_r_starts = _calibrate_group(group, q_model.transformer_blocks, blocks, cache, calib, cfg, bar)
-            seconds = (time.perf_counter() - group_start) / len(group)
-            for b, history, l_r_start in zip(group, histories, l_r_starts):
-                result["blocks"].append(history)
-                result["ratio_reg_on"].append(l_r_start)
-                result["block_seconds"].append(seconds)
-                log.info("block %d: L_d %.4g -> %.4g, L_r on at step %s, frozen %.4f", b, history[0][1],
-                         history[-1][1], l_r_start, history[-1][3])
-            hidden = cache[-1]
-    result["calibration_seconds"] = time.perf_counter() - start
-    return result
-
-
-class _BlockOutputs:
-    """Forward hooks keeping the latest output of every block of a model."""
-
-    def __init__(self, model: nn.Module, clone: bool) -> None:
-        blocks = model.transformer_blocks
-        self.outputs: list[Tensor | None] = [None] * len(blocks)
-        self.clone = clone
-        self.handles = [block.register_forward_hook(self._keeper(i)) for i, block in enumerate(blocks)]
+    def _keep_input(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.block_input = output
 
     def _keeper(self, i: int):
         def keep(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.clone:  # teacher outputs come from inference mode: copy them to normal tensors
-                with torch.inference_mode(False):
-                    output = output.clone()
             self.outputs[i] = output
         return keep
 
@@ -389,86 +276,261 @@ class _BlockOutputs:
             handle.remove()
 
 
-class _SequentialStep:
-    """Called after every teacher forward of the sampler: one student optimiser step on the same input."""
-
-    def __init__(self, q_model: nn.Module, blocks: list[list[VQLinear]], cfg: CalibrationConfig,
-                 total_steps: int) -> None:
-        self.q_model, self.blocks, self.cfg = q_model, blocks, cfg
-        self.layers = [layer for block in blocks for layer in block]
-        self.optimizer = make_optimizer(self.layers, cfg)
-        self.switch = RatioRegSwitch(cfg.ratio_reg_start, _deadline(cfg, total_steps))
-        self.inputs: tuple[Tensor, Tensor, Tensor] | None = None
-        self.step = 0
-        self.l_r_start: int | None = None
-        self.history: list[list[tuple[int, float, float, float]]] = [[] for _ in blocks]
-
-    def record_input(self, t: Tensor, x: Tensor, y: Tensor) -> None:
-        """``sample_batch`` hook: keep the model input of this sampling step."""
-        self.inputs = (x, t, y)
-
-    def train(self, teacher: _BlockOutputs, student: _BlockOutputs, record: bool) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            x, t, y = (v.clone() for v in self.inputs)
-            self.q_model(x, timestep=t, class_labels=y)
-            per_block = [F.mse_loss(s, f) for s, f in zip(student.outputs, teacher.outputs)]
-            l_d = torch.stack(per_block).mean()
-            _optimizer_step(self.optimizer, [(self.layers, l_d, self.switch)], self.cfg)
-        if self.switch.on and self.l_r_start is None:
-            self.l_r_start = self.step
-        if record:
-            for b, layers in enumerate(self.blocks):
-                block_l_r = ratio_loss(layers)
-                self.history[b].append((self.step, float(per_block[b].detach()),
-                                        float(block_l_r.detach()) if block_l_r is not None else 0.0,
-                                        frozen_fraction(layers)))
-        self.step += 1
+def _block_index(name: str) -> int:
+    """Block number of a layer named ``transformer_blocks.<i>.…``."""
+    return int(name.split(".")[1])
 
 
-def calibrate_sequential(
-    fp_model: nn.Module, q_model: nn.Module, layers: dict[str, VQLinear], cfg: CalibrationConfig,
-    device: torch.device | str, outer_iterations: int,
-) -> dict:
-    """The authors' loop: ``outer_iterations`` guided teacher trajectories, one student step per sampling step.
+def make_optimizer(vq: VQLayers, linears: list[VQLinear], cfg: CalibrationConfig) -> torch.optim.RMSprop:
+    """RMSprop (the authors' alpha 0.9) with the groups codebooks / biases / logits."""
+    groups = [([vq.codebook], cfg.lr_codebook), ([m.bias for m in linears if m.bias is not None], cfg.lr_bias),
+              ([vq.logits], cfg.lr_logits)]
+    return torch.optim.RMSprop([{"params": params, "lr": lr} for params, lr in groups if params],
+                               alpha=cfg.rmsprop_alpha)
 
-    Trajectory ``i`` uses the labels and noise of ``labels_for(cfg.seed, i * L, L, classes)`` (its first
-    ``cfg.trajectories`` trajectories are those of :func:`collect_calibration_inputs`). Same return format
-    as :func:`calibrate_blockwise`; the history records each block's own MSE and L_r.
+
+class Calibrator:
+    """One whole-model optimiser step per teacher sampling step (:meth:`forward` is the sampler's model call)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, vq: VQLayers, layers: dict[str, VQLinear],
+                 cfg: CalibrationConfig) -> None:
+        self.teacher, self.student, self.vq, self.layers, self.cfg = teacher, student, vq, layers, cfg
+        blocks = [_block_index(name) for name in layers]
+        self.block_layers = [[i for i, b in enumerate(blocks) if b == block] for block in range(len(student.transformer_blocks))]
+        vq.freeze_threshold, vq.layer_threshold = cfg.freeze_threshold, cfg.layer_threshold
+        vq.codebook_training = cfg.codebook_training
+        trainable = {id(p) for p in [vq.codebook, vq.logits, *(m.bias for m in layers.values() if m.bias is not None)]}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.optimizer = make_optimizer(vq, list(layers.values()), cfg)
+        device = vq.codebook.device
+        deadline = None if cfg.ratio_reg_deadline >= 1.0 else int(cfg.ratio_reg_deadline * cfg.optimizer_steps)
+        self.switch = RatioRegSwitch(cfg.ratio_reg_rule, cfg.ratio_reg_start, deadline, device)
+        self.autocast = set_precision(cfg.precision, device.type)
+        self.every = max(1, cfg.optimizer_steps // HISTORY_POINTS)
+        self.history: list[list[tuple[int, float, float, float]]] = [[] for _ in student.transformer_blocks]
+        self.teacher_acts = _Activations(teacher)
+        self.student_acts = _Activations(student) if cfg.objective == "sequential" else None
+        self.bar = None
+
+    @property
+    def step(self) -> int:
+        return self.switch.steps
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """The teacher's output on (x, t, y), after one optimiser step of the student on the same input."""
+        with self.autocast:
+            out = self.teacher(x, timestep=t, class_labels=y).sample
+        with torch.enable_grad():
+            with self.autocast:
+                l_d_blocks = self._block_losses(x, t, y)
+            self._optimise(l_d_blocks)
+        return out
+
+    def _block_losses(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        targets = self.teacher_acts.outputs
+        if self.student_acts is not None:  # sequential: the student's own activations
+            self.student(x, timestep=t, class_labels=y)
+            outputs = self.student_acts.outputs
+        else:  # blockwise: every student block fed the teacher's input of that block
+            inputs = [self.teacher_acts.block_input, *targets[:-1]]
+            outputs = [block(h, timestep=t, class_labels=y) for block, h in zip(self.student.transformer_blocks, inputs)]
+        return torch.stack([F.mse_loss(out.float(), target.float()) for out, target in zip(outputs, targets)])
+
+    def _optimise(self, l_d_blocks: Tensor) -> None:
+        cfg = self.cfg
+        l_d, l_r = l_d_blocks.mean(), self.vq.ratio_loss()
+        on = self.switch.update(l_d.detach(), l_r.detach())
+        loss = cfg.lambda_d * l_d + cfg.lambda_r * on.to(l_r.dtype) * l_r
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.vq.freeze_()
+        step = self.step - 1
+        if step % self.every == 0 or step == cfg.optimizer_steps - 1:
+            self._record(step, l_d_blocks.detach())
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _record(self, step: int, l_d_blocks: Tensor) -> None:
+        """One history point: per block (step, L_d, L_r, frozen fraction); L_r is the mean over its soft layers."""
+        with host_reads():
+            l_r_layers, frozen_layers = (v.tolist() for v in self.vq.layer_stats())
+            hard, rows = self.vq.hard.tolist(), self.vq.rows_per_layer.tolist()
+            l_d = l_d_blocks.tolist()
+        for history, mine, block_l_d in zip(self.history, self.block_layers, l_d):
+            soft = [l_r_layers[i] for i in mine if not hard[i]]
+            frozen = sum(frozen_layers[i] * rows[i] for i in mine) / max(sum(rows[i] for i in mine), 1)
+            history.append((step, block_l_d, sum(soft) / len(soft) if soft else 0.0, frozen))
+        if self.bar is not None:
+            self.bar.set_postfix(L_d=f"{sum(l_d) / len(l_d):.3g}", frozen=f"{sum(frozen_layers) / len(frozen_layers):.3f}",
+                                 refresh=False)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs; the VQ parameters and biases go back through :func:`restore_layers`."""
+        return {"vq": self.vq.state_dict(), "biases": {name: m.bias for name, m in self.layers.items() if m.bias is not None},
+                "optimizer": self.optimizer.state_dict(), "switch": self.switch.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.switch.load_state_dict(state["switch"])
+        self.history = state["history"]
+
+    def close(self) -> None:
+        self.teacher_acts.remove()
+        if self.student_acts is not None:
+            self.student_acts.remove()
+
+
+def load_checkpoint(path: Path | None, fingerprint: str, device: torch.device | str) -> dict | None:
+    """A resumable calibration state written for ``fingerprint``, or None (no file, another setting, unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        log.warning("%s: unreadable calibration checkpoint (%s); starting over", path, err)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s: checkpoint of another setting or configuration; starting over", path)
+        return None
+    log.info("%s: resuming calibration at optimiser step %d", path, state["switch"]["steps"])
+    return state
+
+
+def restore_layers(model: nn.Module, names: list[str], state: dict) -> tuple[VQLayers, dict[str, VQLinear]]:
+    """The VQ container and layers of a checkpoint, swapped into ``model`` (no k-means)."""
+    vq = VQLayers.from_state_dict(state["vq"])
+    layers = attach(model, names, vq)
+    with torch.no_grad():
+        for name, bias in state["biases"].items():
+            layers[name].bias.copy_(bias)
+    return vq, layers
+
+
+def _save_checkpoint(path: Path, calibrator: Calibrator, streams: TeacherStreams, seconds: float,
+                     fingerprint: str) -> None:
+    with host_reads():
+        state = {"fingerprint": fingerprint, "seconds": seconds, "streams": streams.state_dict(),
+                 **calibrator.state_dict()}
+        partial = path.with_name(path.name + ".part")
+        torch.save(state, partial)
+        os.replace(partial, path)
+    log.info("checkpoint %s: %d optimiser steps done", path, calibrator.step)
+
+
+class TeacherStreams:
+    """The teacher's guided trajectories the student trains on, ``cfg.streams`` of them in flight.
+
+    Each stream runs trajectories of ``labels_per_trajectory / streams`` labels, one after the other;
+    stream s starts ``s * steps / streams`` sampling steps into its first one (the teacher alone runs
+    those steps), so every optimiser step sees ``streams`` timesteps. Stream s's k-th trajectory is
+    global trajectory ``j = k * streams + s`` with the labels and noise of ``labels_for(seed, j * per,
+    per)``: with one stream, trajectory j is the authors' outer iteration j.
     """
 
+    def __init__(self, teacher: nn.Module, cfg: CalibrationConfig) -> None:
+        self.teacher, self.cfg = teacher, cfg
+        self.per = cfg.labels_per_trajectory // cfg.streams
+        self.started = [0] * cfg.streams
+        self.trajectories = [self._next(s) for s in range(cfg.streams)]
+
+    def _next(self, stream: int) -> Trajectory:
+        j = self.started[stream] * self.cfg.streams + stream
+        self.started[stream] += 1
+        labels, generators = labels_for(self.cfg.seed, j * self.per, self.per, num_classes(self.teacher))
+        return Trajectory(self.teacher, labels, generators, self.cfg.steps, self.cfg.cfg_scale, self.cfg.cfg_channels)
+
+    def stagger(self) -> None:
+        """Run stream s alone for its first ``s * steps / streams`` sampling steps."""
+        for s, trajectory in enumerate(self.trajectories):
+            for _ in range(s * self.cfg.steps // self.cfg.streams):
+                x, t, y = trajectory.inputs()
+                trajectory.advance(self.teacher(x, timestep=t, class_labels=y).sample)
+
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every stream's current model input, concatenated."""
+        return tuple(torch.cat(parts) for parts in zip(*(trajectory.inputs() for trajectory in self.trajectories)))
+
+    def advance(self, out: Tensor) -> None:
+        """Advance every stream with its part of the teacher's output; a finished stream starts its next trajectory."""
+        for s, part in enumerate(out.split(len(out) // self.cfg.streams)):
+            self.trajectories[s].advance(part)
+            if self.trajectories[s].done:
+                self.trajectories[s] = self._next(s)
+
+    def state_dict(self) -> dict:
+        return {"started": list(self.started), "trajectories": [t.state_dict() for t in self.trajectories]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = [count - 1 for count in state["started"]]  # rebuild each stream's current trajectory
+        self.trajectories = [self._next(s) for s in range(self.cfg.streams)]
+        for trajectory, trajectory_state in zip(self.trajectories, state["trajectories"]):
+            trajectory.load_state_dict(trajectory_state)
+
+
+def calibrate(teacher: nn.Module, student: nn.Module, vq: VQLayers, layers: dict[str, VQLinear],
+              cfg: CalibrationConfig, checkpoint: Path | None = None, resume: dict | None = None,
+              fingerprint: str = "") -> dict:
+    """Calibrate ``vq`` (and the biases of ``layers``) in ``student`` against ``teacher`` (see the module docstring).
+
+    ``resume``: a state from :func:`load_checkpoint` (its VQ parameters and biases already in ``vq`` and
+    ``layers``). Returns ``{"blocks": per block [(step, L_d, L_r, frozen fraction), ...],
+    "ratio_reg_on": first step with L_r on (None: never), "ratio_reg_steps": steps with L_r on,
+    "optimizer_steps", "calibration_seconds"}``.
+    """
     start = time.perf_counter()
-    fp_model, q_model = fp_model.to(device), q_model.to(device)
-    _prepare_student(q_model, layers, cfg)
-    total = outer_iterations * cfg.steps
-    stepper = _SequentialStep(q_model, _layers_by_block(layers, len(q_model.transformer_blocks)), cfg, total)
-    teacher, student = _BlockOutputs(fp_model, clone=True), _BlockOutputs(q_model, clone=False)
-    every = _record_every(total)
-    bar = progress(total=total, desc="sequential calibration", unit="step")
-
-    def after_teacher(module: nn.Module, args: tuple, output: object) -> None:
-        stepper.train(teacher, student, record=stepper.step % every == 0 or stepper.step == total - 1)
-        bar.update(1)
-
-    handle = fp_model.register_forward_hook(after_teacher)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    calibrator = Calibrator(teacher, student, vq, layers, cfg)
+    streams = TeacherStreams(teacher, cfg)
+    previous, last_save = 0.0, time.monotonic()
     try:
-        per = cfg.labels_per_trajectory
-        for i in range(outer_iterations):
-            labels, generators = labels_for(cfg.seed, i * per, per, num_classes(fp_model))
-            sample_batch(fp_model, labels, generators, cfg.steps, cfg.cfg_scale, cfg.cfg_channels,
-                         hook=stepper.record_input)
-            last = [history[-1] for history in stepper.history]
-            bar.set_postfix(L_d=f"{sum(h[1] for h in last) / len(last):.3g}",
-                            frozen=f"{frozen_fraction(stepper.layers):.3f}")
+        with torch.no_grad():
+            if resume is None:
+                streams.stagger()
+            else:
+                calibrator.load_state_dict(resume)
+                streams.load_state_dict(resume["streams"])
+                previous = resume["seconds"]
+            with progress(total=cfg.optimizer_steps, initial=calibrator.step, desc="calibration",
+                          unit="step") as calibrator.bar:
+                for step in range(calibrator.step, cfg.optimizer_steps):
+                    if step % cfg.steps == 0:  # a trajectory's length: the authors reset their L_r minimum here
+                        calibrator.switch.new_trajectory()
+                    streams.advance(calibrator.forward(*streams.inputs()))
+                    if checkpoint is not None and step + 1 < cfg.optimizer_steps \
+                            and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes:
+                        _save_checkpoint(checkpoint, calibrator, streams, previous + time.perf_counter() - start,
+                                         fingerprint)
+                        last_save = time.monotonic()
     finally:
-        handle.remove()
-        teacher.remove()
-        student.remove()
-        bar.close()
-    seconds = time.perf_counter() - start
-    log.info("sequential calibration: %d steps in %.1f s, L_r on at step %s, frozen %.4f", stepper.step, seconds,
-             stepper.l_r_start, frozen_fraction(stepper.layers))
-    return {"blocks": stepper.history, "ratio_reg_on": [stepper.l_r_start] * len(stepper.blocks),
-            "block_seconds": [], "calibration_seconds": seconds}
+        calibrator.close()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with host_reads():
+        first_on, on_steps = int(calibrator.switch.state["first_on"]), int(calibrator.switch.state["on_steps"])
+    seconds = previous + time.perf_counter() - start
+    log.info("calibration: %d whole-model steps, %.1f s, L_r first on at step %s (%d steps on)",
+             calibrator.step, seconds, first_on if first_on >= 0 else None, on_steps)
+    return {"blocks": calibrator.history, "ratio_reg_on": first_on if first_on >= 0 else None,
+            "ratio_reg_steps": on_steps, "optimizer_steps": calibrator.step, "calibration_seconds": seconds}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run_block(block: nn.Module, hidden: Tensor, timesteps: Tensor, labels: Tensor) -> Tensor:
+    return block(hidden, timestep=timesteps, class_labels=labels)
+
+
+@torch.no_grad()
+def _block_forward(block: nn.Module, hidden: Tensor, calib: CalibrationSet) -> Tensor:
+    """A block's output on every input of ``calib``, in batches."""
+    return torch.cat([
+        _run_block(block, h, t, y)
+        for h, t, y in zip(hidden.split(FORWARD_BATCH), calib.timesteps.split(FORWARD_BATCH),
+                           calib.labels.split(FORWARD_BATCH))
+    ])
 
 
 @torch.no_grad()
@@ -477,8 +539,10 @@ def block_mse(fp_model: nn.Module, q_model: nn.Module, calib: CalibrationSet, ma
 
     Uses at most ``max_samples`` evenly spaced calibration entries.
     """
-    calib = _to(calib.subset(max_samples), _device(q_model))
-    hidden = _embed(fp_model, calib)
+    device = _device(q_model)
+    calib = calib.subset(max_samples)
+    calib = CalibrationSet(calib.latents.to(device), calib.timesteps.to(device), calib.labels.to(device))
+    hidden = torch.cat([fp_model.pos_embed(x) for x in calib.latents.split(FORWARD_BATCH)])
     errors = []
     for fp_block, q_block in zip(fp_model.transformer_blocks, q_model.transformer_blocks):
         target = _block_forward(fp_block, hidden, calib)

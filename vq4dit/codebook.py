@@ -17,9 +17,9 @@ k-means here:
   iteration uses all points). Layers at or below the limit (every smoke layer) are seeded as before.
 - Lloyd iterations on whatever device ``x`` lives on; the point-to-codeword distance matrix is
   built in row chunks of at most ``CHUNK_ELEMENTS`` entries, so memory stays bounded.
-- centroid update: points sorted by cluster and summed by a float64 cumulative sum, which avoids
-  the non-deterministic atomic adds of ``index_add_`` on GPU (CUDA's cumsum is deterministic under
-  ``torch.use_deterministic_algorithms``, which the quantize stage turns on).
+- centroid update: points sorted by cluster and summed by :func:`segment_sums` (a float64 cumulative
+  sum), which avoids the non-deterministic atomic adds of ``index_add_`` on GPU (CUDA's cumsum is
+  deterministic under ``torch.use_deterministic_algorithms``, which the quantize stage turns on).
 - empty clusters: re-seeded, in cluster order, to the points farthest from their current
   codeword (stable sort, so ties resolve by point index).
 - early stop when an iteration leaves every assignment unchanged.
@@ -107,16 +107,31 @@ def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     return x[centres].clone()
 
 
+def segment_sums(values: Tensor, bounds: Tensor) -> Tensor:
+    """Sums of the row ranges ``[bounds[i], bounds[i+1])`` of ``values`` (N,) or (N, c), deterministic on any device.
+
+    A cumulative sum (float64 for floating values, int64 for integers and bools) read at the range
+    ends and differenced: no atomic adds, no sorting. Columns are scanned as separate 1-D tensors:
+    a scan along dim 0 of (N, c) runs c sequential threads on CUDA, 1,000x slower
+    (benchmarks/kmeans_bench.py); on the CPU both add in the same order. Returns float64 or int64,
+    (L,) or (L, c).
+    """
+    dtype = torch.float64 if values.is_floating_point() else torch.int64
+    columns = values.unsqueeze(1) if values.dim() == 1 else values
+    starts, ends = bounds[:-1], bounds[1:]
+    sums = []
+    for column in columns.unbind(1):
+        running = column.cumsum(0, dtype=dtype)
+        before = torch.where(starts > 0, running[(starts - 1).clamp(min=0)], 0)
+        sums.append(torch.where(ends > 0, running[(ends - 1).clamp(min=0)], 0) - before)
+    return sums[0] if values.dim() == 1 else torch.stack(sums, dim=1)
+
+
 def _update(x: Tensor, assignments: Tensor, sq: Tensor, k: int) -> tuple[Tensor, int]:
     """Centroids of the k current clusters (and how many were empty); empty ones move to the farthest points."""
     order = torch.argsort(assignments, stable=True)
     counts = torch.bincount(assignments, minlength=k)
-    ends = counts.cumsum(0)
-    # one 1-D scan per coordinate: a scan along dim 0 of (N, d) runs d sequential threads on CUDA,
-    # 1,000x slower (benchmarks/kmeans_bench.py); on the CPU both add in the same order
-    running = torch.stack([column.cumsum(0) for column in x[order].double().t().unbind()], dim=1)
-    cumulative = torch.cat([x.new_zeros(1, x.shape[1], dtype=torch.float64), running])
-    sums = cumulative[ends] - cumulative[ends - counts]
+    sums = segment_sums(x[order], torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
     new = (sums / counts.clamp(min=1).unsqueeze(1)).to(x.dtype)
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel() > 0:

@@ -85,6 +85,11 @@ def progress(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 10.0, **kwargs)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU with its torch thread count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
 def log_peak_gpu_memory(logger, device: torch.device) -> None:
     """Log the peak GPU memory of this process (read by benchmarks/rehearsal_costs.py); nothing on the CPU."""
     if device.type == "cuda":

@@ -132,9 +132,8 @@ def calibration_curves(histories: dict[str, dict]):
             if y == "L_d":
                 ax.set_yscale("log")
                 ax.legend(title="block", ncols=2, fontsize="small")
-        for b, on in enumerate(history.get("ratio_reg_on") or []):
-            if on is not None:
-                row[1].axvline(on, color=sns.color_palette("viridis", len(history["blocks"]))[b], lw=0.8, ls=":")
+        if history.get("ratio_reg_on") is not None:  # the first whole-model step with L_r on
+            row[1].axvline(history["ratio_reg_on"], color="grey", lw=0.8, ls=":")
     fig.tight_layout()
     return fig
 

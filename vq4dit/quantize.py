@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -16,9 +17,9 @@ import torch
 
 from vq4dit import assignments, rtn, size
 from vq4dit.calibration import (
-    CalibrationConfig, block_mse, calibrate_blockwise, collect_calibration_inputs,
+    CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
 )
-from vq4dit.io import atomic_write_json, log_peak_gpu_memory, resolve_device
+from vq4dit.io import atomic_write_json, device_name, log_peak_gpu_memory, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
 from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
@@ -41,25 +42,43 @@ def quantize_rtn(model, names, setting, cfg, device, teacher) -> tuple[Packed, d
     return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}
 
 
-def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher) -> tuple[Packed, dict]:
+#: methods whose quantize job runs the zero-data calibration (and can resume it)
+CALIBRATED = ("vq-codebook", "vq4dit")
+
+
+def fingerprint(setting: dict, cfg: CalibrationConfig, names: list[str]) -> str:
+    """What a calibration checkpoint must match to be resumed: setting, calibration config (but the
+    checkpoint interval) and layer names."""
+    calibration = {k: v for k, v in vars(cfg).items() if k != "checkpoint_minutes"}
+    text = json.dumps({"setting": setting, "calibration": calibration, "layers": names}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher,
+                checkpoint: Path | None = None) -> tuple[Packed, dict]:
     """VQ of every block linear: k-means codebooks, then (unless ``vq-kmeans``) zero-data calibration.
 
     ``vq-kmeans``: nearest assignments, no calibration. ``vq-codebook``: one candidate (hard
     assignments), codebooks and biases calibrated. ``vq4dit``: ``n_candidates`` soft candidates.
+    ``checkpoint``: where the calibration keeps its resumable state (a killed job resumes from it).
     """
     method, k, d = setting["method"], int(setting["k"]), int(setting["d"])
     shapes = size.linear_shapes(model, names)
     n = int(setting.get("n_candidates", 2)) if method == "vq4dit" else 1
-    layers = assignments.quantize_model_linears(model, names, k=k, d=d, n_candidates=n,
-                                                kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+    key = fingerprint(setting, cfg, names)
+    resume = load_checkpoint(checkpoint, key, device) if method in CALIBRATED else None
+    if resume is None:
+        vq, layers = assignments.quantize_model_linears(model, names, k=k, d=d, n_candidates=n,
+                                                        kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+    else:
+        vq, layers = restore_layers(model, names, resume)
     info: dict = {"size": size.vq_size(shapes, k, d)}
-    if method != "vq-kmeans":
-        calib = collect_calibration_inputs(teacher, cfg, device)
-        history = calibrate_blockwise(teacher, model, layers, calib, cfg)
-        info["calibration_seconds"] = history.pop("calibration_seconds")
-        info["calibration_history"] = history
-    for layer in layers.values():
-        layer.freeze_(0.0)  # harden: every sub-vector takes its largest-ratio candidate, as packed() stores it
+    if method in CALIBRATED:
+        history = calibrate(teacher, model, vq, layers, cfg, checkpoint, resume, key)
+        info.update(calibration_seconds=history.pop("calibration_seconds"),
+                    optimizer_steps=history.pop("optimizer_steps"), precision=cfg.precision,
+                    objective=cfg.objective, calibration_history=history)
+    vq.harden_()  # every sub-vector takes its largest-ratio candidate, as packed() stores it
     return {name: layer.packed() for name, layer in layers.items()}, info
 
 
@@ -73,8 +92,7 @@ def evaluate_block_mse(fp_model: torch.nn.Module, transformer: str, packed: Path
                        device) -> float:
     """Mean block-output MSE of the packed model (as reloaded from disk) against the FP model on held-out
     teacher inputs."""
-    held_out = CalibrationConfig.from_dict({**vars(cfg), "seed": cfg.seed + 1, "trajectories": 1})
-    calib = collect_calibration_inputs(fp_model, held_out, device)
+    calib = collect_calibration_inputs(fp_model, held_out(cfg), device)
     return block_mse(fp_model, load_quantized_transformer(transformer, packed, device), calib)
 
 
@@ -85,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True, help="packed model (.safetensors)")
     parser.add_argument("--info", required=True, help="JSON with size accounting and timings")
+    parser.add_argument("--checkpoint", type=Path, help="resumable calibration state (kept only while the job runs)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -103,13 +122,17 @@ def run(args: argparse.Namespace) -> None:
     cfg = CalibrationConfig.from_dict(calibration)
     fp_model = copy.deepcopy(model)  # one FP copy: calibration teacher, packed file's FP tensors, block-MSE reference
     start = time.perf_counter()
-    packed, info = METHODS[method](model, names, setting, cfg, device, fp_model)
+    extra = {"checkpoint": args.checkpoint} if method in CALIBRATED else {}
+    packed, info = METHODS[method](model, names, setting, cfg, device, fp_model, **extra)
     info["quantize_seconds"] = time.perf_counter() - start
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
                 nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20)
+    info["device"] = device_name(device)
     atomic_write_json(Path(args.info), info)
+    if args.checkpoint is not None:
+        args.checkpoint.unlink(missing_ok=True)  # done: a rerun starts over
     log.info("wrote %s (%.2f MB on disk) in %.1f s", output, info["file_mb"], info["quantize_seconds"])
     log_peak_gpu_memory(log, device)

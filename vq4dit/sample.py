@@ -121,6 +121,60 @@ def guided_output(out: torch.Tensor, channels: int, cfg_scale: float, cfg_channe
     return guided
 
 
+class Trajectory:
+    """One guided DDPM trajectory of DiT's respaced sampler, advanced one sampling step at a time.
+
+    :meth:`inputs` gives the model input of the current step (the batch doubled with the null label
+    when guided), :meth:`advance` takes the model's output on it. Image ``i``'s initial and per-step
+    noise come from ``generators[i]``; :meth:`state_dict` holds everything needed to continue
+    (current ``x``, step, generator states).
+    """
+
+    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, generators: list[torch.Generator],
+                 steps: int, cfg_scale: float, cfg_channels: int | None = None) -> None:
+        self.device = next(model.parameters()).device
+        cfg = model.config
+        self.channels, self.cfg_scale, self.cfg_channels = cfg.in_channels, cfg_scale, cfg_channels
+        self.scheduler = RespacedDiffusion(space_timesteps(NUM_TRAIN_TIMESTEPS, [steps]), self.device)
+        self.generators = generators
+        shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        self.labels = labels.to(self.device)
+        self.null = torch.full_like(self.labels, num_classes(model))
+        self.guided = check_cfg_scale(cfg_scale) > 1.0
+        self.position = 0
+
+    @property
+    def done(self) -> bool:
+        return self.position == len(self.scheduler.timesteps)
+
+    @property
+    def t(self) -> int:
+        return self.scheduler.timesteps[self.position]
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, t, class labels) the model sees at the current step."""
+        model_in = torch.cat([self.x, self.x]) if self.guided else self.x
+        class_in = torch.cat([self.labels, self.null]) if self.guided else self.labels
+        return model_in, torch.full((len(model_in),), self.t, device=self.device, dtype=torch.long), class_in
+
+    def advance(self, out: torch.Tensor) -> None:
+        """One sampler step from the model's output on :meth:`inputs`."""
+        out = out.float()
+        if self.guided:
+            out = guided_output(out, self.channels, self.cfg_scale, self.cfg_channels)
+        self.x = self.scheduler.step(out, self.t, self.x, self.generators)
+        self.position += 1
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "position": self.position, "generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x, self.position = state["x"].to(self.device), state["position"]
+        for generator, generator_state in zip(self.generators, state["generators"]):
+            generator.set_state(generator_state)
+
+
 @torch.inference_mode()
 def sample_batch(
     model: torch.nn.Module,
@@ -131,26 +185,14 @@ def sample_batch(
     cfg_channels: int | None = None,
     hook=None,
 ) -> torch.Tensor:
-    """Run the respaced DDPM sampler; returns final samples (model space). ``hook(t, x)`` sees each model input."""
-    device = next(model.parameters()).device
-    cfg = model.config
-    scheduler = RespacedDiffusion(space_timesteps(NUM_TRAIN_TIMESTEPS, [steps]), device)
-    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
-    labels = labels.to(device)
-    null = torch.full_like(labels, num_classes(model))
-    guided = check_cfg_scale(cfg_scale) > 1.0
-    for t in scheduler.timesteps:
-        model_in = torch.cat([x, x]) if guided else x
-        class_in = torch.cat([labels, null]) if guided else labels
-        t_in = torch.full((len(model_in),), int(t), device=device, dtype=torch.long)
+    """Run the respaced DDPM sampler; returns final samples (model space). ``hook(t, x, y)`` sees each model input."""
+    trajectory = Trajectory(model, labels, generators, steps, cfg_scale, cfg_channels)
+    while not trajectory.done:
+        model_in, t_in, class_in = trajectory.inputs()
         if hook is not None:
             hook(t_in, model_in, class_in)
-        out = model(model_in, timestep=t_in, class_labels=class_in).sample.float()
-        if guided:
-            out = guided_output(out, cfg.in_channels, cfg_scale, cfg_channels)
-        x = scheduler.step(out, t, x, generators)
-    return x
+        trajectory.advance(model(model_in, timestep=t_in, class_labels=class_in).sample)
+    return trajectory.x
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

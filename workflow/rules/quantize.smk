@@ -1,4 +1,5 @@
-# Quantize: one packed model per (model, setting).
+# Quantize: one packed model per (model, setting). A calibration killed mid-run resumes from its checkpoint
+# (params.checkpoint, deleted once the job succeeds).
 
 
 rule quantize:
@@ -11,6 +12,7 @@ rule quantize:
         setting=setting_json,
         calibration=json.dumps(config.get("calibration", {}), sort_keys=True),
         device=config["device"],
+        checkpoint="results/{preset}/quantized/{model}/{setting}.resume.pt",
     log:
         "logs/{preset}/quantize/{model}/{setting}.log",
     benchmark:
@@ -23,4 +25,4 @@ rule quantize:
     shell:
         "python -m vq4dit quantize --transformer {input.transformer} --setting {params.setting:q}"
         " --calibration {params.calibration:q} --device {params.device}"
-        " --output {output.packed} --info {output.info} > {log} 2>&1"
+        " --output {output.packed} --info {output.info} --checkpoint {params.checkpoint} > {log} 2>&1"
