@@ -351,6 +351,7 @@ def calibration_time(ev: Evidence) -> list[dict]:
         evidence = "; ".join(
             f"{r.setting} {r.quantize_seconds / 60:.1f} min (calibration {r.calibration_seconds / 60:.1f} min"
             + (f", {int(r.optimizer_steps):,} optimiser steps" if pd.notna(r.optimizer_steps) else "")
+            + (f", {text(r.precision)}" if text(r.precision) else "")
             + f") on {text(r.device_name) or text(r.device) or 'a device not recorded'}" for r in group.itertuples())
         steps = group["optimizer_steps"].dropna()
         steps_run = int(steps.min()) if not steps.empty else steps_cfg
@@ -454,7 +455,7 @@ def counts_line(claims: pd.DataFrame) -> str:
 
 def write(claims: pd.DataFrame, preset: str, out: dict[str, str], notice: str = "") -> None:
     Path(out["csv"]).parent.mkdir(parents=True, exist_ok=True)
-    shown = claims[["id", "scope", "verdict", "evidence", "paper", "rule"]]
+    shown = claims[["id", "claim", "scope", "verdict", "evidence", "paper", "rule"]]
     title = f"Claims of the paper tested by preset {preset}: {counts_line(claims)}"
     banner = f"**{notice}**\n\n" if notice else ""
     Path(out["md"]).write_text(f"{banner}### {title}\n\n" + markdown(shown, ".4g") + "\n")
