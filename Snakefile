@@ -29,6 +29,8 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/claims.smk"
+include: "workflow/rules/manifest.smk"
 
 
 # Named targets (README, "Claims -> targets -> outputs").
@@ -41,6 +43,16 @@ rule all:
 rule smoke:
     input:
         smoke_outputs,
+
+
+rule claims:
+    input:
+        claims_outputs,
+
+
+rule review:
+    input:
+        review_outputs,
 
 
 rule table_256:

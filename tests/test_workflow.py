@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -70,6 +71,7 @@ def test_paper_preset_dry_run_lists_every_job(workdir):
 
 
 @pytest.mark.parametrize("target, expected", [("table_512", r"no model of preset 'smoke' has paper_resolution 512"),
+                                              ("review", r"target review: this is preset 'smoke'"),
                                               ("smoke", None)])
 def test_named_targets_of_the_smoke_preset(workdir, target, expected):
     code, output = snakemake(workdir, "-n", target, "--configfile", "config/smoke.yaml", check=False)
@@ -77,6 +79,16 @@ def test_named_targets_of_the_smoke_preset(workdir, target, expected):
         assert code != 0 and re.search(expected, output), output
     else:
         assert code == 0 and job_counts(output)["benchmark_table"] == 1, output
+
+
+def test_review_preset_runs_the_headline_settings_once_with_claims_and_manifest(workdir):
+    config = yaml.safe_load((REPO / "config/review.yaml").read_text())
+    counts = job_counts(snakemake(workdir, "-n", "review", "--configfile", "config/review.yaml")[1])
+    shards = math.ceil(config["sampling"]["n_samples"] / config["sampling"]["shard_size"])
+    assert config["sampling"]["n_samples"] == 10000 and len(config["sampling"]["steps"]) == 1
+    assert list(config["models"]) == ["DiT-XL-2-256"]
+    assert counts["quantize"] == 5 and counts["sample"] == 5 * shards and counts["metrics"] == 5
+    assert counts["claims_table"] == counts["manifest"] == counts["convert_checkpoint"] == 1
 
 
 def test_table_256_needs_only_the_256_model(workdir):
@@ -171,6 +183,13 @@ def test_smoke_run_end_to_end(workdir):
     assert {"quantize/digits/vq4dit-w2", "tables/metrics", "train_transformer/digits"} <= set(jobs)
     ablation = pd.read_csv(workdir / "results/smoke/tables/ablation-candidates.csv")
     assert sorted(ablation["n"].unique()) == [1, 2]
+    claims = pd.read_csv(workdir / "results/smoke/claims.csv")
+    assert set(claims["verdict"]) <= {"holds", "does not hold", "not run", "not comparable"} and len(claims) >= 5
+    assert {"w2: VQ4DiT < codebook-only", "w2: rtn collapses", "size: vq4dit-w2"} <= set(claims["id"])
+    manifest = json.loads((workdir / "results/smoke/manifest.json").read_text())
+    stages = [a["stage"] for a in manifest["artifacts"]]
+    assert stages == sorted(stages, key=["prepare", "quantize", "sample", "features", "metrics"].index)
+    assert {"prepare", "quantize", "sample", "features", "metrics"} == set(stages) and manifest["devices"]
 
     report = workdir / "results/smoke/report.html"
     snakemake(workdir, "--configfile", config, "--report", str(report))
@@ -181,6 +200,6 @@ def test_smoke_run_end_to_end(workdir):
     (workdir / "results/smoke/samples/digits/rtn-w2/steps8/shard1.npz").unlink()
     counts = job_counts(snakemake(workdir, "-n", "--configfile", config)[1])
     assert counts == {"sample": 1, "features": 1, "metrics": 1, "tables": 1, "paper_table": 1, "tradeoff_plot": 1,
-                      "benchmark_table": 1, "all": 1}
+                      "claims_table": 1, "manifest": 1, "benchmark_table": 1, "all": 1}
     snakemake(workdir, "--cores", "2", "--configfile", config)
     pd.testing.assert_frame_equal(pd.read_csv(csv), table)

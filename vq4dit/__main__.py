@@ -19,9 +19,15 @@ STAGES = {
     "metrics": "FID, sFID, IS, Precision, Recall of one sample set",
     "tables": "collect all metrics into CSV, Markdown and LaTeX tables",
     "plots": "trade-off plots and sample grids",
+    "claims": "one verdict per claim of the paper this preset can test (claims.csv, .md, .html)",
+    "manifest": "the run's provenance: sha256 of every artifact, settings, versions, devices, numerics",
     "rehearsal": "write the rehearsal preset's stand-in downloads (random weights, full size)",
     "size": "model size by the paper's convention (shapes only)",
+    "cost": "what a target will cost (jobs x measured rates), before any job runs",
+    "compare-manifests": "the first artifact in DAG order where two runs' manifests differ",
 }
+#: commands whose module is not named like them: command -> (module, suffix of its add_arguments/run functions)
+ENTRY_POINTS = {"compare-manifests": ("manifest", "compare")}
 #: the exceptions stages raise for a user's input or environment (not bugs)
 EXPECTED_ERRORS = (ValueError, OSError)
 #: exit status of an expected failure
@@ -52,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, help_text in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == stage:
-            module = importlib.import_module(f"vq4dit.{name}")
-            module.add_arguments(stage_parser)
-            stage_parser.set_defaults(run=module.run)
+            module_name, suffix = ENTRY_POINTS.get(name, (name, ""))
+            module = importlib.import_module(f"vq4dit.{module_name}")
+            suffix = f"_{suffix}" if suffix else ""
+            getattr(module, f"add{suffix}_arguments")(stage_parser)
+            stage_parser.set_defaults(run=getattr(module, f"run{suffix}"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -15,6 +15,7 @@ Feature sets (keys of the output .npz): ``pool`` (FID, Precision, Recall), ``spa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -27,7 +28,10 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.utils import create_feature_extractor
 
-from vq4dit.io import progress, atomic_savez, load_npz, resolve_device
+from vq4dit.io import (
+    META_KEY, atomic_savez, environment, load_npz, log_peak_gpu_memory, meta_array, progress, read_meta,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +192,15 @@ def run(args: argparse.Namespace) -> None:
     images, stats = read_images(args.inputs)
     model = FeatureModel(args.extractor, args.weights)
     log.info("extracting %s features of %d images from %d file(s)", args.extractor, len(images), len(args.inputs))
-    features = extract(images, model, args.batch_size, resolve_device(args.device))
-    atomic_savez(Path(args.output), **features, **stats)
+    device = resolve_device(args.device)
+    features = extract(images, model, args.batch_size, device)
+    meta = {**environment(device), "inputs": input_environments(args.inputs)}  # for the manifest (vq4dit.manifest)
+    atomic_savez(Path(args.output), **features, **stats, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, {k: v.shape for k, v in features.items()})
+    log_peak_gpu_memory(log, device)
+
+
+def input_environments(paths: list[str]) -> list[dict]:
+    """The distinct environments recorded in the input shards (none for reference images)."""
+    found = {json.dumps(meta, sort_keys=True) for meta in map(read_meta, paths) if meta is not None}
+    return [json.loads(meta) for meta in sorted(found)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -85,12 +86,56 @@ def progress(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 10.0, **kwargs)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU with its torch thread count."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-
-
 def log_peak_gpu_memory(logger, device: torch.device) -> None:
     """Log the peak GPU memory of this process (read by benchmarks/rehearsal_costs.py); nothing on the CPU."""
     if device.type == "cuda":
         logger.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+
+
+#: key of the job's environment (:func:`environment`) in the .npz files the sample and features stages write
+META_KEY = "meta"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (``/proc/cpuinfo``, else ``platform``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, **extra) -> dict:
+    """Device and numerics of this job, for its outputs and the run's manifest (``vq4dit.manifest``).
+
+    The device's name, torch/CUDA versions, TF32 and deterministic-kernel flags, float32 matmul
+    precision and torch's thread count as they are when called (call it after the work), plus
+    ``extra`` (seeds, precision).
+    """
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+
+
+def meta_array(meta: dict) -> np.ndarray:
+    """``meta`` as a 0-d string array, storable in an .npz without pickling."""
+    return np.array(json.dumps(meta, sort_keys=True))
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The ``meta`` entry of an .npz written by :func:`meta_array`, or None when it has none."""
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(str(data[META_KEY])) if META_KEY in data.files else None

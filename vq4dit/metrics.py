@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import linalg, special
 
-from vq4dit.io import atomic_write_json, resolve_device
+from vq4dit.io import atomic_write_json, log_peak_gpu_memory, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +407,9 @@ def compute_metrics(
 def run(args: argparse.Namespace) -> None:
     """Compute the metrics of ``--features`` against ``--reference`` and write ``--output``."""
     logger.info("metrics of %s against %s", args.features, args.reference)
+    device = resolve_device(args.device)
     with FeatureFile(args.features) as samples, FeatureFile(args.reference) as reference:
-        metrics = compute_metrics(samples, reference, args.split_size, args.k, resolve_device(args.device),
-                                  args.sample_counts)
+        metrics = compute_metrics(samples, reference, args.split_size, args.k, device, args.sample_counts)
     atomic_write_json(args.output, metrics)
     logger.info("wrote %s", args.output)
+    log_peak_gpu_memory(logger, device)

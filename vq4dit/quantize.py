@@ -19,7 +19,7 @@ from vq4dit import assignments, rtn, size
 from vq4dit.calibration import (
     CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
 )
-from vq4dit.io import atomic_write_json, device_name, log_peak_gpu_memory, resolve_device
+from vq4dit.io import atomic_write_json, environment, log_peak_gpu_memory, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
 from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> None:
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
-                nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20)
-    info["device"] = device_name(device)
+                nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20,
+                environment=environment(device, seed=cfg.seed))  # device and numerics, for the manifest
     atomic_write_json(Path(args.info), info)
     if args.checkpoint is not None:
         args.checkpoint.unlink(missing_ok=True)  # done: a rerun starts over

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vq4dit.io import atomic_savez, log_peak_gpu_memory, progress, resolve_device
+from vq4dit.io import META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
 
@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> None:
              args.steps, args.cfg_scale, device)
     images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
                                     args.steps, args.cfg_scale, args.cfg_channels, args.precision)
-    atomic_savez(Path(args.output), arr_0=images, labels=labels)
+    meta = environment(device, seed=args.seed, precision=args.precision)  # for the manifest (vq4dit.manifest)
+    atomic_savez(Path(args.output), arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, images.shape)
     log_peak_gpu_memory(log, device)

@@ -297,10 +297,64 @@ def smoke_outputs(wildcards):
     return final_outputs()
 
 
+def review_outputs(wildcards):
+    if PRESET != "review":
+        raise WorkflowError(f"target review: this is preset {PRESET!r}; run it with --configfile config/review.yaml")
+    return final_outputs()
+
+
+CLAIMS_FORMATS = ["csv", "md", "html"]
+
+
+def claims_outputs(wildcards=None):
+    return expand("results/{preset}/claims.{ext}", preset=PRESET, ext=CLAIMS_FORMATS)
+
+
+def seed_spread(wildcards=None):
+    """The preset's seed-spread record: config key seed_spread (must exist), else config/seed_spread/<preset>.csv if it exists."""
+    path = config.get("seed_spread")
+    if path and not Path(path).is_file():
+        raise WorkflowError(f"config key 'seed_spread': {path} does not exist; write it with benchmarks/seed_variation.py")
+    path = path or f"config/seed_spread/{PRESET}.csv"
+    return [path] if Path(path).is_file() else []
+
+
+def seed_spread_arg(wildcards, input):
+    return f"--seed-spread {input.spread}" if input.spread else ""
+
+
+def config_json(wildcards=None):
+    """The preset's config as JSON (the claims and manifest stages read it)."""
+    return json.dumps(config, sort_keys=True)
+
+
+def prepared_files():
+    """What the prepare stage leaves: downloads, trained or converted transformers, trained feature network, references."""
+    files = [f"resources/{path}" for path in DOWNLOADS]
+    for model in MODELS:
+        folder = f"results/{PRESET}/models/{model}/transformer"
+        files += [f"{folder}/config.json", f"{folder}/diffusion_pytorch_model.safetensors"]
+    files.append(feature_weights())
+    files += [f"results/{PRESET}/reference/{name}.npz" for name in REFERENCES if name == "digits"]
+    return list(dict.fromkeys(files))
+
+
+def packed_models():
+    return runs("results/{preset}/quantized/{model}/{setting}.safetensors")
+
+
+def feature_files():
+    """Reference features, then every sample set's."""
+    return (expand("results/{preset}/features/reference/{reference}.npz", preset=PRESET, reference=REFERENCES)
+            + runs("results/{preset}/features/{model}/{setting}/steps{steps}.npz"))
+
+
 def final_outputs():
-    """Everything of the preset: tables, figures, sample grids, calibration curves, benchmark records."""
+    """Everything of the preset: claims, manifest, tables, figures, sample grids, calibration curves, benchmark records."""
     return (
-        kept_shards()
+        claims_outputs()
+        + [f"results/{PRESET}/manifest.json"]
+        + kept_shards()
         + expand("results/{preset}/tables/metrics.{ext}", preset=PRESET, ext=TABLE_FORMATS)
         + expand("results/{preset}/tables/paper-{model}.{ext}", preset=PRESET, model=MODELS, ext=TABLE_FORMATS)
         + (ablation_outputs() if ABLATION else [])

@@ -100,7 +100,7 @@ rule benchmark_table:
         csv="results/{preset}/tables/benchmarks.csv",
         md="results/{preset}/tables/benchmarks.md",
         tex="results/{preset}/tables/benchmarks.tex",
-        html=report("results/{preset}/tables/benchmarks.html", caption="../report/benchmarks.rst", category="Benchmarks"),
+        html=report("results/{preset}/tables/benchmarks.html", caption="../report/benchmarks.rst", category="Job records"),
     params:
         notice=NOTICE,
         records="results/{preset}/benchmarks",

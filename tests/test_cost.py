@@ -1,0 +1,112 @@
+"""Cost: parsing Snakemake's dry run, pricing jobs from benchmarks/rates.yaml, and the command on real targets."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vq4dit import cost
+
+REPO = Path(__file__).resolve().parents[1]
+DRY_RUN = """
+Building DAG of jobs...
+Job stats:
+job         count
+--------  -------
+quantize        1
+sample          2
+total           3
+
+[Tue Dec  1 04:07:35 2026]
+rule quantize:
+    input: results/review/models/DiT-XL-2-256/transformer/config.json
+    output: results/review/quantized/DiT-XL-2-256/vq4dit-w2.safetensors, results/review/quantized/DiT-XL-2-256/vq4dit-w2.json
+    jobid: 3
+    reason: Forced execution
+    wildcards: preset=review, model=DiT-XL-2-256, setting=vq4dit-w2
+    resources: tmpdir=<TBD>, gpu=1
+
+[Tue Dec  1 04:07:35 2026]
+rule sample:
+    output: results/review/samples/DiT-XL-2-256/fp/steps50/shard3.npz
+    wildcards: preset=review, model=DiT-XL-2-256, setting=fp, steps=50, shard=3
+    resources: tmpdir=<TBD>, gpu=1
+
+[Tue Dec  1 04:07:35 2026]
+localrule tables:
+    output: results/review/tables/metrics.csv
+    wildcards: preset=review
+    resources: tmpdir=<TBD>
+Shell command: python -m vq4dit tables metrics ...
+
+[Tue Dec  1 04:07:35 2026]
+localrule review:
+    jobid: 0
+"""
+
+
+def pricer(overrides=None) -> cost.Pricer:
+    config = yaml.safe_load((REPO / "config/review.yaml").read_text())
+    rates = yaml.safe_load((REPO / "benchmarks/rates.yaml").read_text())
+    return cost.Pricer(config, rates, cost.settings_table({"settings_table": str(REPO / "config/settings.tsv")}),
+                       overrides)
+
+
+def test_dry_run_blocks_give_rule_wildcards_and_gpu():
+    jobs = cost.parse_dry_run(DRY_RUN)
+    assert [j.rule for j in jobs] == ["quantize", "sample", "tables", "review"]
+    assert jobs[1].wildcards == {"preset": "review", "model": "DiT-XL-2-256", "setting": "fp", "steps": "50", "shard": "3"}
+    assert [j.gpu for j in jobs] == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="lists no jobs"):
+        cost.parse_dry_run("Nothing to be done (all requested files are present and up to date).")
+
+
+def test_jobs_are_priced_from_the_rates_and_overrides_are_said():
+    p = pricer()
+    rates = yaml.safe_load((REPO / "benchmarks/rates.yaml").read_text())["h200"]
+    sample = p.price(cost.parse_dry_run(DRY_RUN)[1])
+    assert sample.seconds == pytest.approx(15 + 2500 * 50 / rates["sampling_image_steps_per_s"]["256-tf32"]["value"])
+    assert sample.disk == 0  # review keeps features only
+    quantize = cost.parse_dry_run(DRY_RUN)[0]
+    calibrated = p.price(quantize).seconds
+    assert calibrated > 50_000 * rates["calibration"]["ms_per_step"]["value"] / 1000  # the estimate dominates
+    assert any("ESTIMATE" in e for e in p.estimates)
+    faster = pricer({"calibration.ms_per_step": 100.0})
+    estimate = rates["calibration"]["ms_per_step"]["value"] / 1000
+    assert calibrated - faster.price(quantize).seconds == pytest.approx(50_000 * (estimate - 0.100))
+    assert any("set with --rate" in e for e in faster.estimates)
+
+
+def test_cost_table_counts_gpu_hours_of_gpu_jobs_only_and_lists_jobs_without_rate():
+    jobs = cost.parse_dry_run(DRY_RUN) + [cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "rtn-w2"}, 1)]
+    p = pricer()
+    p.settings.loc["gptq-w2"] = {"id": "gptq-w2", "method": "gptq", "bits": "2"}
+    jobs.append(cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "gptq-w2"}, 1))
+    table, unpriced = cost.cost_table(jobs, p)
+    assert table.loc[("tables", ""), "gpu_hours"] == 0 and table.loc[("tables", ""), "hours"] > 0
+    assert table.loc[("sample", "DiT-XL-2-256, 50 steps"), "gpu_hours"] == pytest.approx(
+        table.loc[("sample", "DiT-XL-2-256, 50 steps"), "hours"])
+    assert "review" not in table.index.get_level_values("rule")  # target rules cost nothing
+    assert len(unpriced) == 1 and "gptq" in unpriced[0]
+    text = cost.report("review", "config/review.yaml", table, unpriced, p)
+    assert "left out of the total (no rate): 1 job(s)" in text and "NVIDIA H200" in text
+
+
+@pytest.mark.parametrize("target", ["review", "all"])
+def test_cost_command_prints_a_total_in_gpu_hours(target):
+    result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", target], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    total = re.search(r"^total: ([\d.]+) GPU-hours on one NVIDIA H200", result.stdout, re.M)
+    assert total and float(total.group(1)) > 0, result.stdout
+    assert "| quantize DiT-XL-2-256 vq4dit-w2" in result.stdout
+
+
+def test_cost_of_a_target_of_another_preset_names_it():
+    result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", "table_512", "--configfile", "config/smoke.yaml"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "no model of preset 'smoke' has paper_resolution 512" in result.stderr

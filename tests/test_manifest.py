@@ -1,0 +1,109 @@
+"""Manifest: hashes of every artifact in DAG order, the jobs' environments, and the first difference of two runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vq4dit import io, manifest
+from vq4dit.__main__ import main
+
+ENV = {"device": "cpu", "device_name": "CPU", "tf32_matmul": False, "deterministic": True}
+
+
+def make_run(root: Path, seed: int, preset: str = "p") -> dict[str, list[str]]:
+    """A tiny run: one file per stage, samples depending on ``seed``; paths relative to ``root``."""
+    results = root / "results" / preset
+    files = {
+        "prepare": results / "models/m/transformer/diffusion_pytorch_model.safetensors",
+        "quantize": results / "quantized/m/vq.safetensors",
+        "sample": results / "samples/m/vq/steps10/shard0.npz",
+        "features": results / "features/m/vq/steps10.npz",
+        "metrics": results / "metrics/m/vq/steps10.json",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    files["prepare"].write_bytes(b"weights")
+    files["quantize"].write_bytes(b"packed")
+    files["quantize"].with_suffix(".json").write_text(json.dumps({"quantize_seconds": 1.0 + seed, "environment": ENV}))
+    images = np.random.default_rng(seed).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
+    io.atomic_savez(files["sample"], arr_0=images, labels=np.arange(4),
+                    **{io.META_KEY: io.meta_array({**ENV, "seed": seed})})
+    io.atomic_savez(files["features"], pool=images.reshape(4, -1).astype(np.float32),
+                    **{io.META_KEY: io.meta_array({**ENV, "inputs": [{**ENV, "seed": seed}]})})
+    files["metrics"].write_text(json.dumps({"fid": float(images.mean())}))
+    return {stage: [str(path.relative_to(root))] for stage, path in files.items()}
+
+
+def build(root: Path, seed: int, preset: str = "p") -> dict:
+    files = make_run(root, seed, preset)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return manifest.build_manifest(preset, {"preset": preset, "sampling": {"seed": seed}}, {}, files)
+    finally:
+        os.chdir(cwd)
+
+
+def test_npz_hash_is_of_the_arrays_not_of_the_zip_or_its_meta(tmp_path):
+    arrays = {"arr_0": np.arange(6, dtype=np.uint8).reshape(2, 3)}
+    io.atomic_savez(tmp_path / "a.npz", **arrays, **{io.META_KEY: io.meta_array({"device": "cpu"})})
+    time.sleep(2.1)  # zip timestamps have a 2-second resolution
+    io.atomic_savez(tmp_path / "b.npz", **arrays, **{io.META_KEY: io.meta_array({"device": "cuda:0"})})
+    assert manifest.file_sha256(tmp_path / "a.npz") != manifest.file_sha256(tmp_path / "b.npz")
+    assert manifest.arrays_sha256(tmp_path / "a.npz") == manifest.arrays_sha256(tmp_path / "b.npz")
+    io.atomic_savez(tmp_path / "c.npz", arr_0=arrays["arr_0"].astype(np.int16))
+    assert manifest.arrays_sha256(tmp_path / "c.npz") != manifest.arrays_sha256(tmp_path / "a.npz")  # dtype counts
+
+
+def test_manifest_records_every_stage_with_environments_and_seeds(tmp_path):
+    m = build(tmp_path, seed=0)
+    assert [a["stage"] for a in m["artifacts"]] == list(manifest.STAGES)
+    sample = m["artifacts"][2]
+    assert sample["hash_of"] == "arrays" and sample["environment"]["seed"] == 0
+    assert m["artifacts"][1]["job"] == {"quantize_seconds": 1.0} and m["artifacts"][1]["environment"] == ENV
+    assert m["devices"] == ["CPU"] and m["seeds"] == {"sampling.seed": 0}
+    assert m["numerics"]["quantize"] == [{"tf32_matmul": False, "deterministic": True}]
+    assert m["libraries"]["torch"] and "python" in m["libraries"]
+
+
+def test_compare_names_the_first_differing_artifact_in_dag_order(tmp_path):
+    a, b, again = build(tmp_path / "a", 0), build(tmp_path / "b", 1), build(tmp_path / "c", 0)
+    lines = manifest.compare(a, b)
+    assert lines[0] == "first differing artifact (DAG order): sample results/p/samples/m/vq/steps10/shard0.npz"
+    assert "equal before it: 2 artifact(s) (prepare 1, quantize 1)" in lines[3]
+    assert "differing after it: 2 more of 2" in lines[4]  # features and metrics follow the samples
+    assert any(line.startswith("config that differ: sampling.seed: 0 → 1") for line in lines)
+    assert manifest.compare(a, again)[0] == "no differing artifact: all 5 artifacts have equal sha256"
+    a["artifacts"][0]["sha256"] = "0" * 64  # a different download comes first, whatever follows
+    assert manifest.compare(a, b)[0].startswith("first differing artifact (DAG order): prepare results/p/models/")
+    del b["artifacts"][1]
+    assert "B: absent" in manifest.compare(again, b)[2]
+
+
+def test_compare_manifests_command_and_bad_input(tmp_path, capsys):
+    paths = []
+    for name, seed in (("a", 0), ("b", 1)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(build(tmp_path / name, seed)))
+        paths.append(str(path))
+    main(["compare-manifests", *paths])
+    assert "first differing artifact (DAG order): sample" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"preset": "p"}))
+    with pytest.raises(SystemExit):
+        main(["compare-manifests", paths[0], str(bad)])
+    assert "bad.json: not a vq4dit manifest (missing ['artifacts', 'config'])" in capsys.readouterr().err
+
+
+def test_environment_records_device_and_numerics():
+    env = io.environment(torch.device("cpu"), seed=3)
+    assert env["device"] == "cpu" and env["seed"] == 3 and env["device_name"]
+    assert env["deterministic"] == torch.are_deterministic_algorithms_enabled()
+    assert {"tf32_matmul", "tf32_cudnn", "float32_matmul_precision", "threads", "torch"} <= set(env)
