@@ -67,7 +67,8 @@ def test_whole_model_steps_reduce_block_mse_and_freezing_is_monotone(tiny_dit, c
 
 def test_fast_logits_freeze_and_harden_layers_during_calibration(tiny_dit) -> None:
     q_model, vq, layers = _quantized(tiny_dit)
-    history = calibrate(tiny_dit, q_model, vq, layers, CalibrationConfig(**{**CFG, "lr_logits": 0.5}))
+    cfg = CalibrationConfig(**{**CFG, "lr_logits": 0.5, "objective": "blockwise", "ratio_reg_rule": "patience"})
+    history = calibrate(tiny_dit, q_model, vq, layers, cfg)
     assert vq.hard.any()
     hard_frozen = vq.frozen[torch.cat([torch.full((end - start,), bool(h)) for start, end, h in
                                        zip(vq.row_offsets, vq.row_offsets[1:], vq.hard.tolist())])]

@@ -1,36 +1,39 @@
-"""Zero-data calibration of VQ4DiT's codebooks and candidate-assignment ratios, the authors' way.
+"""Zero-data calibration of VQ4DiT's codebooks and candidate-assignment ratios, as in the authors' loop.
 
-No dataset: every outer iteration draws seeded Gaussian noise and random labels and runs a fresh
-guided trajectory of the full-precision (teacher) sampler. At every sampling step the student sees
-the teacher's model input and **one optimiser step trains every block** (the authors' loop:
-``outer_iterations x steps`` whole-model steps, 1,000 x 50 for DiT-XL/2). Nothing is cached: each
-step's inputs exist only for that step, so memory does not grow with the budget or resolution.
+No dataset: the student trains on the model inputs of the full-precision (teacher) sampler, guided
+trajectories from seeded Gaussian noise and random labels, made while calibrating. At every teacher
+sampling step **one optimiser step trains every block** (the authors' budget: ``outer_iterations x
+steps`` whole-model steps, 1,000 x 50 for DiT-XL/2, each on ``labels_per_trajectory`` labels and their
+null-label copies). Nothing is cached: a step's inputs live for that step only, so memory does not
+grow with the budget or the resolution. ``streams`` > 1 splits a step's labels over that many
+trajectories in flight, staggered along the sampling steps, so each optimiser step sees several
+timesteps instead of one (:class:`TeacherStreams`; 1 is the authors' loop).
 
 Loss ``lambda_d * L_d + lambda_r * on * L_r``: ``L_d`` is the mean over blocks of the block-output
 MSE, ``L_r`` the ratio regulariser (``VQLayers.ratio_loss``). Two objectives (``objective``):
 
-- ``blockwise``: student block b is fed the teacher's input of block b (each block learns to
-  reproduce its FP block on FP inputs; blocks do not see each other's errors);
 - ``sequential`` (the authors' code): the student runs its whole forward on x_t, so block b sees
-  the student's own activations.
+  the student's own activations;
+- ``blockwise``: student block b is fed the teacher's input of block b (each block learns to
+  reproduce its FP block on FP inputs; blocks do not see each other's errors).
 
-When ``L_r`` is on (``ratio_reg_rule``): ``patience`` (the paper's "once L_d stops decreasing": an
-exponential moving average of ``L_d`` that has gone ``ratio_reg_start`` steps without a new minimum
-switches it on for good, or ``ratio_reg_deadline`` of the budget at the latest) or
-``trajectory-min`` (the authors' code: added whenever ``L_r`` is above its running minimum within
-the current trajectory, the minimum reset at every trajectory). ``codebook_training``: ``always``
-(the paper's text) or ``after-hard`` (the authors' code: a layer's codebook trains only once its
-assignments are hard).
+When ``L_r`` is on (``ratio_reg_rule``): ``trajectory-min`` (the authors' code: added whenever
+``L_r`` is above its running minimum within the current trajectory, the minimum reset every
+``steps`` optimiser steps) or ``patience`` (the paper's "once L_d stops decreasing": an exponential
+moving average of ``L_d`` that has gone ``ratio_reg_start`` steps without a new minimum switches it
+on for good, or ``ratio_reg_deadline`` of the budget at the latest). ``codebook_training``:
+``after-hard`` (the authors' code: a layer's codebook trains only once its assignments are hard) or
+``always`` (the paper's text). The dataclass defaults are the authors' code; the presets choose by
+measurement (README, "VQ4DiT as implemented here").
 
 No host synchronisation inside the loop: the switch, freezing and hardening are tensor operations;
 numbers are read back only at the history points (at most :data:`HISTORY_POINTS` + 1) and when a
 checkpoint is written, both inside :func:`host_reads`.
 
-Checkpoints: every ``checkpoint_minutes`` (at the end of a trajectory) the full state (VQ
-parameters and buffers, biases, optimiser, switch, history, the next outer iteration) is written
-atomically; a rerun with the same fingerprint resumes from it and ends bit-identical to an
-uninterrupted run. Trajectory i's noise and labels are a function of (``seed``, i) alone, so no
-generator state needs saving.
+Checkpoints: every ``checkpoint_minutes`` (after an optimiser step) the full state (VQ parameters
+and buffers, biases, optimiser, switch, history, every stream's trajectory: its x_t, step and
+per-image generator states) is written atomically; a rerun with the same fingerprint resumes from it
+and ends bit-identical to an uninterrupted run (test).
 """
 
 from __future__ import annotations
@@ -83,19 +86,19 @@ class CalibrationConfig:
     cfg_scale: float = 4.0
     cfg_channels: int | None = None
     """Guided noise channels of the calibration sampler (None: all; DiT's own sampler guides 3)."""
-    objective: str = "blockwise"
+    objective: str = "sequential"
     lr_codebook: float = 1e-4
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
     rmsprop_alpha: float = 0.9
     lambda_d: float = 1.0
     lambda_r: float = 1.0
-    ratio_reg_rule: str = "patience"
+    ratio_reg_rule: str = "trajectory-min"
     ratio_reg_start: int = 100
     """Patience (optimiser steps without a new minimum of the L_d moving average) before L_r is on."""
     ratio_reg_deadline: float = 1.0
     """Fraction of the steps after which L_r is on even if L_d still improves (1.0: patience only)."""
-    codebook_training: str = "always"
+    codebook_training: str = "after-hard"
     freeze_threshold: float = 0.99
     layer_threshold: float = 0.99
     kmeans_iters: int = 100

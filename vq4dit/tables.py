@@ -31,7 +31,7 @@ INFO_PATH = re.compile(r"quantized/(?P<model>[^/]+)/(?P<setting>[^/]+)\.json$")
 COLUMNS = [
     "model", "setting", "method", "bits_per_weight", "n_candidates", "size_mb", "steps", "cfg_scale", "n_samples",
     "fid", "sfid", "is", "precision", "recall", "delta_fid_fp", "block_mse", "file_mb", "quantize_seconds",
-    "calibration_seconds",
+    "calibration_seconds", "optimizer_steps",
 ]
 #: display names of the metric columns (arrows: which way is better)
 DISPLAY = {"fid": "FID↓", "sfid": "sFID↓", "is": "IS↑", "precision": "Prec.↑", "recall": "Rec.↑"}
@@ -77,6 +77,7 @@ def info_row(path: str) -> dict:
         "quantize_seconds": info["quantize_seconds"],
         "block_mse": info["block_mse"],
         "calibration_seconds": info.get("calibration_seconds"),
+        "optimizer_steps": info.get("optimizer_steps"),  # whole-model calibration steps (the authors' unit)
     }
 
 
@@ -115,10 +116,10 @@ def build_table(metric_paths: list[str], info_paths: list[str], cfg_scale: float
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The human-facing columns of the tidy table, rounded, with metric arrows."""
     shown = table[["model", "setting", "method", "bits_per_weight", "size_mb", "file_mb", "steps", "n_samples", *DISPLAY,
-                   "delta_fid_fp", "block_mse", "calibration_seconds"]]
+                   "delta_fid_fp", "block_mse", "calibration_seconds", "optimizer_steps"]]
     names = {**DISPLAY, "bits_per_weight": "bits/w", "size_mb": "MB", "file_mb": "file MiB", "n_samples": "N",
              "delta_fid_fp": "ΔFID(FP)",
-             "block_mse": "block MSE", "calibration_seconds": "calib. s"}
+             "block_mse": "block MSE", "calibration_seconds": "calib. s", "optimizer_steps": "calib. steps"}
     return shown.rename(columns=names).round(
         {"bits/w": 2, "MB": 2, "file MiB": 2, "FID↓": 2, "sFID↓": 2, "IS↑": 2, "Prec.↑": 3, "Rec.↑": 3, "ΔFID(FP)": 2, "calib. s": 1}
     )
