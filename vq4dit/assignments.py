@@ -26,6 +26,7 @@ argmax and the layer is hard for good.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -102,13 +103,6 @@ def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: T
     return total
 
 
-def _offsets(sizes: list[int]) -> list[int]:
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return offsets
-
-
 class VQLayers(nn.Module):
     """The VQ layers of one model in flat tensors (see the module docstring).
 
@@ -133,8 +127,9 @@ class VQLayers(nn.Module):
         d = codebook.shape[1]
         rows = [int(out) * int(inp) // d for out, inp in shapes.tolist()]
         self.layer_shapes = [tuple(int(v) for v in shape) for shape in shapes.tolist()]
-        self.row_offsets = _offsets(rows)
-        self.codeword_offsets = _offsets([int(k) for k in codebook_sizes.tolist()])
+        self.layer_rows = rows
+        self.row_offsets = list(itertools.accumulate(rows, initial=0))
+        self.codeword_offsets = list(itertools.accumulate(codebook_sizes.tolist(), initial=0))
         self.codebook_training = codebook_training
         self.codebook = nn.Parameter(codebook.float())
         self.logits = nn.Parameter(logits.float())
@@ -229,8 +224,7 @@ class VQLayers(nn.Module):
         ratios = self.ratios()
         vectors = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, self.order,
                                     self.codeword_bounds)
-        rows = [end - start for start, end in zip(self.row_offsets, self.row_offsets[1:])]
-        weights = [part.view(out, inp) for part, (out, inp) in zip(vectors.split(rows), self.layer_shapes)]
+        weights = [part.view(out, inp) for part, (out, inp) in zip(vectors.split(self.layer_rows), self.layer_shapes)]
         return ratios, weights
 
     def _state(self) -> tuple:
