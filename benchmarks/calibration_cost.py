@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -168,6 +169,8 @@ def main() -> None:
     print(f"| dense arithmetic (teacher fwd + student fwd/bwd, nn.Linear), ms per step (likewise) | {dense_ms:.1f} |")
     print(f"| operators per step: driver / dense | {vq_ops} / {dense_ops} |")
     print(f"| peak GPU memory, GiB | {peak_gib(device):.2f} |")
+    print(f"| peak host memory of the process (all of the above), GiB | "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB:.2f} |")
     print(f"| extrapolated: {budget:,} steps x {full_blocks} blocks, h per calibrated setting | {per_setting_h:.2f} |")
     print(f"\noverhead ratio: {vq_ms / dense_ms:.2f}")
 

@@ -8,6 +8,7 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vq4dit import assignments
 from vq4dit.assignments import (
     VQLayers, attach, codebook_gradient, dequantize, index_dtype, init_logits, quantize_model_linears,
 )
@@ -86,9 +87,12 @@ def test_weights_and_their_gradients_equal_the_ratio_weighted_codewords() -> Non
     assert torch.equal(vq.ratios()[:, vq.frozen].max(0).values, torch.ones(int(vq.frozen.sum())))  # exactly one-hot
 
 
-@pytest.mark.parametrize("sorted_sum", [False, True])
-def test_both_codebook_gradient_forms_equal_a_float64_scatter(sorted_sum) -> None:
-    """The CPU form (index_add_) and the GPU form (fixed codeword order, segment sums), against a direct sum."""
+@pytest.mark.parametrize("sorted_sum, chunk_rows", [(False, 7), (False, 1 << 22), (True, None)])
+def test_both_codebook_gradient_forms_equal_a_float64_scatter(sorted_sum, chunk_rows, monkeypatch) -> None:
+    """The CPU form (index_add_, in row chunks or whole) and the GPU form (fixed codeword order, segment
+    sums), against a direct sum."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(assignments, "INDEX_ADD_ROWS", chunk_rows)
     vq = _vq(_linear(), _linear(24, 32, seed=1), n=3)
     grad = torch.randn(vq.frozen.shape[0], 4, generator=torch.Generator().manual_seed(2))
     ratios = vq.ratios().detach()
@@ -96,7 +100,7 @@ def test_both_codebook_gradient_forms_equal_a_float64_scatter(sorted_sum) -> Non
     for j in range(vq.n_candidates):
         for i, c in enumerate(vq.candidates[j].tolist()):
             expected[c] += ratios[j, i].double() * grad[i].double()
-    got = codebook_gradient(grad, ratios, vq.candidates, vq.order, vq.codeword_bounds, vq.codebook.shape, sorted_sum)
+    got = codebook_gradient(grad, ratios, vq.candidates, vq.codeword_order(), vq.codeword_bounds, vq.codebook.shape, sorted_sum)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -64,42 +64,55 @@ class _SoftWeight(torch.autograd.Function):
     Written by hand because autograd's backward of ``codebook[candidates]`` is a scatter-add that CUDA
     does with atomic adds, or, in deterministic mode, by sorting the N·n indices at every step. Here the
     codebook gradient is ``index_add_`` in index order on a CPU (deterministic there, and the fastest
-    form) and, on a GPU, a float64 segment sum in the candidates' codeword order, sorted once.
+    form) and, on a GPU, a float64 segment sum in the candidates' codeword order, sorted once. The
+    gathered candidate codewords (n x the weights' size) are not kept for the backward but gathered again
+    there, one candidate at a time: at DiT-XL/2 size they are 5.4 GB, a gather costs one read of them.
     """
 
     @staticmethod
-    def forward(ctx, ratios: Tensor, codebook: Tensor, candidates: Tensor, order: Tensor, bounds: Tensor) -> Tensor:
-        words = [F.embedding(column, codebook) for column in candidates]
-        out = words[0] * ratios[0].unsqueeze(1)
-        for word, ratio in zip(words[1:], ratios[1:]):
-            out.addcmul_(word, ratio.unsqueeze(1))
-        ctx.save_for_backward(ratios, candidates, order, bounds, *words)
-        ctx.codebook_shape = codebook.shape
+    def forward(ctx, ratios: Tensor, codebook: Tensor, candidates: Tensor, order: Tensor | None,
+                bounds: Tensor) -> Tensor:
+        out = F.embedding(candidates[0], codebook).mul_(ratios[0].unsqueeze(1))
+        for column, ratio in zip(candidates[1:], ratios[1:]):
+            out.addcmul_(F.embedding(column, codebook), ratio.unsqueeze(1))
+        ctx.save_for_backward(ratios, codebook, candidates, bounds)
+        ctx.order = order  # a fixed buffer of the container (None on a CPU), not an autograd input
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ratios, candidates, order, bounds, *words = ctx.saved_tensors
+        ratios, codebook, candidates, bounds = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_ratios = torch.stack([torch.einsum("nd,nd->n", word, grad) for word in words])
-        return grad_ratios, codebook_gradient(grad, ratios, candidates, order, bounds, ctx.codebook_shape), None, None, None
+        grad_ratios = torch.stack([torch.einsum("nd,nd->n", F.embedding(column, codebook), grad)
+                                   for column in candidates])
+        grad_codebook = codebook_gradient(grad, ratios, candidates, ctx.order, bounds, codebook.shape)
+        return grad_ratios, grad_codebook, None, None, None
 
 
-def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: Tensor, bounds: Tensor,
+INDEX_ADD_ROWS = 1 << 22
+"""Sub-vectors per ``index_add_`` on a CPU: bounds its temporaries (4M rows: 64 MB at d = 4)."""
+
+
+def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: Tensor | None, bounds: Tensor,
                       shape: torch.Size, sorted_sum: bool | None = None) -> Tensor:
     """``sum over (j, i) with candidates[j, i] = c`` of ``ratios[j, i] * grad[i]`` for every codeword c.
 
     ``sorted_sum`` (default: on GPUs) sums in the fixed codeword ``order`` of the flattened (n, N)
     candidates with :func:`segment_sums`, one coordinate at a time (peak memory of a few (n·N,)
-    vectors); otherwise ``index_add_`` in index order (deterministic on a CPU, not on a GPU).
+    vectors); otherwise ``index_add_`` in index order, :data:`INDEX_ADD_ROWS` sub-vectors at a time
+    (deterministic on a CPU, not on a GPU).
     """
     if sorted_sum if sorted_sum is not None else grad.device.type != "cpu":
+        if order is None:
+            raise ValueError("the sorted codebook gradient needs the candidates' codeword order")
         rows = order % grad.shape[0]  # flat index j * N + i -> sub-vector i
         ratio = ratios.reshape(-1)[order]
         return torch.stack([segment_sums(ratio * column[rows], bounds) for column in grad.t()], dim=1).to(grad.dtype)
     total = grad.new_zeros(shape)
     for column, ratio in zip(candidates, ratios):
-        total.index_add_(0, column.long(), grad * ratio.unsqueeze(1))  # int32 indices take a path 8x slower
+        for start in range(0, grad.shape[0], INDEX_ADD_ROWS):
+            part = slice(start, start + INDEX_ADD_ROWS)  # int32 indices take an index_add_ path 8x slower
+            total.index_add_(0, column[part].long(), grad[part] * ratio[part].unsqueeze(1))
     return total
 
 
@@ -132,15 +145,15 @@ class VQLayers(nn.Module):
         self.codeword_offsets = list(itertools.accumulate(codebook_sizes.tolist(), initial=0))
         self.codebook_training = codebook_training
         self.codebook = nn.Parameter(codebook.float())
-        self.logits = nn.Parameter(logits.float())
+        self.logits = nn.Parameter(logits.float())  # no copy when already float32
         n_rows = candidates.shape[1]
         self.register_buffer("shapes", shapes.long().to(device))
         self.register_buffer("codebook_sizes", codebook_sizes.long().to(device))
         self.register_buffer("candidates", candidates.int())  # int32: n·N < 2^31, half the memory of int64
         self.register_buffer("frozen", frozen if frozen is not None else torch.zeros(n_rows, dtype=torch.bool, device=device))
         self.register_buffer("hard", hard if hard is not None else torch.zeros(len(rows), dtype=torch.bool, device=device))
-        # derived, fixed for good: the codeword order of the candidates and per-layer row ranges
-        self.register_buffer("order", torch.argsort(self.candidates.flatten(), stable=True).int(), persistent=False)
+        # derived, fixed for good: the codeword bounds of the candidates (their order: :meth:`codeword_order`)
+        self._order: Tensor | None = None
         counts = torch.bincount(self.candidates.flatten(), minlength=codebook.shape[0])
         self.register_buffer("codeword_bounds", F.pad(counts.cumsum(0), (1, 0)), persistent=False)
         # per-layer sums and broadcasts in chunks of `chunk` rows, a divisor of every layer's row count:
@@ -163,28 +176,34 @@ class VQLayers(nn.Module):
 
         ``n_candidates = 1`` gives hard nearest-codeword layers (the "vq-kmeans" baseline).
         """
-        codebooks, candidates, logits = [], [], []
-        for linear in linears:
-            x = subvectors(linear.weight.detach(), d)
-            k_eff = clamp_k(k, x.shape[0])
+        subvecs = [subvectors(linear.weight.detach(), d) for linear in linears]
+        sizes = [clamp_k(k, x.shape[0]) for x in subvecs]
+        n_sizes = {min(n_candidates, k_eff) for k_eff in sizes}
+        if len(n_sizes) > 1:
+            raise ValueError(f"layers would get different candidate counts {sorted(n_sizes)}: k too small for "
+                             f"n_candidates={n_candidates} in some layer")
+        n = n_sizes.pop()
+        device = linears[0].weight.device
+        rows = [x.shape[0] for x in subvecs]
+        # filled in place, layer by layer: per-layer lists joined by torch.cat would double the peak and,
+        # being many allocations below the allocator's mmap threshold, stay in the process' heap after
+        candidates = torch.empty(n, sum(rows), dtype=torch.int32, device=device)
+        logits = torch.empty(n, sum(rows), device=device)
+        codebooks = []
+        offset = 0
+        for x, k_eff, start, end in zip(subvecs, sizes, itertools.accumulate(rows, initial=0),
+                                        itertools.accumulate(rows)):
             codebook, nearest_one = kmeans(x, k_eff, iters=kmeans_iters, seed=seed)
-            n = min(n_candidates, k_eff)
             if n == 1:  # k-means' own assignments are the nearest codewords; one candidate's logit is 0
-                cand, distances = nearest_one.unsqueeze(1), torch.ones(x.shape[0], 1, device=x.device)
+                cand, distances = nearest_one.unsqueeze(1), torch.ones(x.shape[0], 1, device=device)
             else:
                 cand, distances = nearest(x, codebook, n)
-            offset = sum(c.shape[0] for c in codebooks)
+            candidates[:, start:end] = cand.t() + offset
+            logits[:, start:end] = init_logits(distances).t()
             codebooks.append(codebook)
-            candidates.append(cand.t() + offset)
-            logits.append(init_logits(distances).t())
-        n_sizes = {c.shape[0] for c in candidates}
-        if len(n_sizes) > 1:
-            raise ValueError(f"layers ended with different candidate counts {sorted(n_sizes)}: k too small for "
-                             f"n_candidates={n_candidates} in some layer")
-        device = codebooks[0].device
+            offset += k_eff
         shapes = torch.tensor([tuple(linear.weight.shape) for linear in linears], device=device)
-        sizes = torch.tensor([c.shape[0] for c in codebooks], device=device)
-        return cls(shapes, sizes, torch.cat(codebooks), torch.cat(candidates, dim=1), torch.cat(logits, dim=1),
+        return cls(shapes, torch.tensor(sizes, device=device), torch.cat(codebooks), candidates, logits,
                    codebook_training=codebook_training)
 
     @classmethod
@@ -220,10 +239,17 @@ class VQLayers(nn.Module):
         trains = self.hard.repeat_interleave(self.codebook_sizes, output_size=self.codebook.shape[0])  # K rows: small
         return torch.where(trains.unsqueeze(1), self.codebook, self.codebook.detach())
 
+    def codeword_order(self) -> Tensor:
+        """Flat (n·N) candidate positions sorted by codeword (int32, stable): the GPU codebook gradient's
+        summation order. Made at first use, so a CPU run never holds it (n·N int32: 1.3 GB at DiT-XL/2 size)."""
+        if self._order is None or self._order.device != self.candidates.device:
+            self._order = torch.argsort(self.candidates.flatten(), stable=True).int()
+        return self._order
+
     def _rebuild(self) -> tuple[Tensor, list[Tensor]]:
         ratios = self.ratios()
-        vectors = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, self.order,
-                                    self.codeword_bounds)
+        order = self.codeword_order() if self.candidates.device.type != "cpu" else None
+        vectors = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, order, self.codeword_bounds)
         weights = [part.view(out, inp) for part, (out, inp) in zip(vectors.split(self.layer_rows), self.layer_shapes)]
         return ratios, weights
 
@@ -236,6 +262,7 @@ class VQLayers(nn.Module):
         """(ratios, every layer's weight), rebuilt once per parameter state."""
         state = self._state()
         if self._cache is None or self._cache[0] != state:
+            self._cache = None  # the stale weights go before the new ones are built (2.7 GB at DiT-XL/2 size)
             self._cache = (state, *self._rebuild())
         return self._cache[1], self._cache[2]
 
@@ -381,5 +408,5 @@ def quantize_model_linears(model: nn.Module, names: list[str], **vq_kwargs: obje
     """Quantize the named ``nn.Linear`` modules of ``model`` (:meth:`VQLayers.from_linears`) and swap them in place."""
     vq = VQLayers.from_linears(_linears(model, names), **vq_kwargs)
     log.info("quantized %d layers: %d codewords of d=%d, %d sub-vectors x %d candidates", len(names),
-             vq.codebook.shape[0], vq.d, vq.candidates.shape[0], vq.n_candidates)
+             vq.codebook.shape[0], vq.d, vq.candidates.shape[1], vq.n_candidates)
     return vq, attach(model, names, vq)

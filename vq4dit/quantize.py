@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
     extra = {"checkpoint": args.checkpoint} if method in CALIBRATED else {}
     packed, info = METHODS[method](model, names, setting, cfg, device, fp_model, **extra)
     info["quantize_seconds"] = time.perf_counter() - start
+    del model  # the student and its calibration state: the block-MSE check loads the packed file instead
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
