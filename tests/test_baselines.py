@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,44 @@ def test_unknown_baselines_key_is_named(tiny_dit_dir, tmp_path):
         BaselineConfig.from_dict({"percdmp": 0.01})
     result, _, _ = run_quantize(tiny_dit_dir, tmp_path, {"id": "gptq-w2", "method": "gptq", "bits": 2}, {"blocksiz": 8})
     assert result.returncode != 0 and "blocksiz" in result.stderr
+
+
+def test_gptvq_setting_packs_vq_layers_counted_as_vq_sizes(tiny_dit, tiny_dit_dir, tmp_path):
+    setting = {"id": "gptvq-w2", "method": "gptvq", "k": 256, "d": 4}
+    result, packed, info_path = run_quantize(tiny_dit_dir, tmp_path, setting,
+                                             {**BASELINES, "kmeans_iters": 2, "codebook_update_iters": 2})
+    assert result.returncode == 0, result.stderr
+    info, (state, layers, _) = json.loads(info_path.read_text()), read_packed(packed)
+    names = block_linear_names(tiny_dit)
+    shapes = [tuple(tiny_dit.get_submodule(n).weight.shape) for n in names]
+    bits = sum(o * i / 4 * 8 + 256 * 4 * 16 + 32 * o for o, i in shapes)  # 8-bit indices of 4 weights, fp16 codebooks
+    assert info["size"]["total_mb"] == pytest.approx(bits / 8 / 2**20, rel=1e-12)
+    model = load_quantized_transformer(tiny_dit_dir, packed)
+    for name in names:
+        assert layers[name]["format"] == "vq" and layers[name]["bits"] == 8
+        assert torch.equal(model.get_submodule(name).weight, state[f"{name}.weight"])
+
+
+def repq_vit_row(w, bits):
+    """RepQ-ViT's channel-wise weight quantizer as its code states it, one row: percentile clipping ranges
+    [p(1 - q), p(q)], q in 0.999, 0.9999, 0.99999, the first with the least squared error (scale and zero
+    rounded to fp16 as our files store them)."""
+    best = None
+    for q in (0.999, 0.9999, 0.99999):
+        hi, lo = np.percentile(w, 100 * q), np.percentile(w, 100 * (1 - q))
+        delta = np.float64(np.float16((hi - lo) / (2**bits - 1)))
+        zero = np.float64(np.float16(np.round(-lo / delta)))
+        deq = (np.clip(np.round(w / delta) + zero, 0, 2**bits - 1) - zero) * delta
+        score = np.sum((deq - w) ** 2)
+        if best is None or score < best[0]:
+            best = (score, deq)
+    return best[1]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_repq_vit_weight_quantizer_follows_its_code(bits):
+    w = torch.randn(8, 300, generator=torch.Generator().manual_seed(3)) + torch.linspace(-0.5, 2.0, 8)[:, None]
+    ours = rtn.dequantize(rtn.quantize_weight(w, bits, clip_search=True)).double().numpy()
+    expected = np.stack([repq_vit_row(row, bits) for row in w.double().numpy()])
+    assert np.allclose(ours, expected, atol=1e-5)
+    assert not torch.equal(rtn.quantize_weight(w, bits)["scale"], rtn.quantize_weight(w, bits, clip_search=True)["scale"])
