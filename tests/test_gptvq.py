@@ -169,3 +169,21 @@ def test_codebook_update_never_increases_the_output_error(iters: int) -> None:
     with_update = gptvq_quantize(weight, hessian, 16, 4, codebook_update_iters=iters)
     assert torch.equal(no_update["assignments"], with_update["assignments"])
     assert _output_error(weight, dequantize(with_update)[0], hessian) <= _output_error(weight, dequantize(no_update)[0], hessian)
+
+
+def test_prepared_hessian_factor_and_dead_columns() -> None:
+    from vq4dit.gptvq import prepare_hessian
+
+    hessian = _hessian(12, 4).double()
+    hessian[5, :] = 0.0
+    hessian[:, 5] = 0.0
+    weight = _weight(3, 12, 4)
+    w, damped, upper = prepare_hessian(weight, hessian, percdamp=0.05)
+    assert torch.equal(w[:, 5], torch.zeros(3)) and torch.equal(torch.cat([w[:, :5], w[:, 6:]], 1),
+                                                               torch.cat([weight[:, :5], weight[:, 6:]], 1))
+    expected = hessian.clone()
+    expected[5, 5] = 1.0
+    expected += 0.05 * torch.diagonal(expected).mean() * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(damped.double(), expected, rtol=1e-6)
+    assert torch.equal(upper, upper.triu()) and bool((torch.diagonal(upper) > 0).all())
+    assert torch.allclose(upper.double().T @ upper.double(), torch.linalg.inv(expected), rtol=1e-4, atol=1e-6)

@@ -12,7 +12,7 @@ Steps and the choices made here:
 
 1. Hessian: dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weight column is set to 0 (as
    GPTQ); then ``H + percdamp * mean(diag H) * I``; ``U`` is the upper Cholesky factor of ``H^-1``
-   (``H^-1 = U^T U``), computed in float64 and used in float32.
+   (``H^-1 = U^T U``), computed in float64 (from the Cholesky factor of the reversed H) and used in float32.
 2. Codebook init: weighted k-means on all the layer's sub-vectors. Coordinate ``t`` of a sub-vector
    in column group ``g`` weighs ``1 / U_jj^2`` (``j = g d + t``, the GPTQ saliency of column j), and
    the distance is ``sum_t w_t (x_t - c_t)^2``. Seeding is VQ4DiT's own k-means++
@@ -69,7 +69,7 @@ def prepare_hessian(weight: Tensor, hessian: Tensor, percdamp: float = 0.01) -> 
     """(weight with dead columns zeroed, damped Hessian, upper Cholesky factor U of its inverse), float32.
 
     Dead inputs (``H_jj = 0``) get ``H_jj = 1``; the damping adds ``percdamp * mean(diag H)`` to the
-    diagonal. The factorisations run in float64.
+    diagonal. The factorisation runs in float64.
     """
     w = weight.detach().float().clone()
     h = hessian.detach().double().clone()
@@ -77,31 +77,32 @@ def prepare_hessian(weight: Tensor, hessian: Tensor, percdamp: float = 0.01) -> 
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(percdamp * torch.diagonal(h).mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    upper = torch.linalg.cholesky(inverse, upper=True)
+    # with P the order reversal, P H P = L L^T gives H^-1 = U^T U for the upper U = P L^-1 P: one Cholesky
+    # and one triangular inverse instead of Cholesky, inverse and Cholesky again (2.6x faster at 4608 inputs)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    identity = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
     return w, h.float(), upper.float()
 
 
-def _chunk(k: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(k, 1))
-
-
 def _weighted_assign(x: Tensor, weights: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row: the codeword minimising ``sum_t w_t (x_t - c_t)^2`` and that distance (N,), in row chunks.
+    """Points ``x`` (G, rows, d) in G groups of equal coordinate weights ``weights`` (G, d): per point, the
+    codeword minimising ``sum_t w_t (x_t - c_t)^2`` and that distance, both (G, rows).
 
-    ``weights`` is (N, d) or (d,). The distance minus ``sum_t w_t x_t^2`` (which no ranking needs) is
-    one product of ``[w, w x]`` (rows x 2d) with ``[c^2, -2 c]`` (2d x k).
+    The distance minus ``sum_t w_t x_t^2`` (which no ranking needs) is ``sum_t w_t c_t^2 - 2 x . (w c)``:
+    one batched product per chunk of groups, at most ``CHUNK_ELEMENTS`` distances at a time.
     """
-    weights = weights.expand_as(x)
-    words = torch.cat([codebook.pow(2), -2.0 * codebook], dim=1).t()
-    indices = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    distances = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    step = _chunk(codebook.shape[0])
-    for start in range(0, x.shape[0], step):
-        rows = slice(start, start + step)
-        features = torch.cat([weights[rows], weights[rows] * x[rows]], dim=1)
-        torch.min(features @ words, dim=1, out=(distances[rows], indices[rows]))
-    distances += (weights * x.pow(2)).sum(1)
+    groups, rows, _ = x.shape
+    scaled = (-2.0 * weights).unsqueeze(2) * codebook.t()  # (G, d, k)
+    offsets = (weights @ codebook.pow(2).t()).unsqueeze(1)  # (G, 1, k)
+    indices = torch.empty(groups, rows, dtype=torch.long, device=x.device)
+    distances = torch.empty(groups, rows, dtype=x.dtype, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // (rows * codebook.shape[0]))
+    for start in range(0, groups, step):
+        part = slice(start, start + step)
+        shifted = torch.baddbmm(offsets[part], x[part], scaled[part])
+        torch.min(shifted, dim=2, out=(distances[part], indices[part]))
+    distances += (weights.unsqueeze(1) * x.pow(2)).sum(2)
     return indices, distances.clamp_(min=0.0)
 
 
@@ -113,25 +114,35 @@ def _bounds(assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """k-means of the rows of ``x`` (N, d) under per-point, per-coordinate weights (N, d).
+    """k-means of the sub-vectors ``x`` (rows, G, d) when every coordinate of group g weighs ``weights[g]`` (G, d).
 
-    Seeded by :func:`vq4dit.codebook.kmeans` (k-means++, ``iters=0``, ``seed``); then up to ``iters``
-    weighted Lloyd iterations, stopping once no assignment changes. Returns (codebook (k, d) float32,
-    assignments (N,) int64), the assignments being the weighted-nearest codewords of the codebook.
+    Seeded by :func:`vq4dit.codebook.kmeans` (k-means++ on ``x.reshape(-1, d)``, ``iters=0``, ``seed``);
+    then up to ``iters`` weighted Lloyd iterations, stopping once no assignment changes. Returns
+    (codebook (k, d) float32, assignments (rows * G,) int64 in ``x.reshape(-1, d)``'s order), the
+    assignments being the weighted-nearest codewords of the codebook.
     """
-    codebook, _ = kmeans(x, k, iters=0, seed=seed)
-    assignments, distances = _weighted_assign(x, weights, codebook)
+    rows, groups, d = x.shape
+    points = x.reshape(-1, d)
+    by_group = x.transpose(0, 1).contiguous()  # (G, rows, d): one weighting per batch entry
+
+    def assign(codebook: Tensor) -> tuple[Tensor, Tensor]:
+        indices, distances = _weighted_assign(by_group, weights, codebook)
+        return indices.t().reshape(-1), distances.t().reshape(-1)
+
+    codebook, _ = kmeans(points, k, iters=0, seed=seed)
+    assignments, distances = assign(codebook)
+    point_weights = weights.expand(rows, groups, d).reshape(-1, d)
     for _ in range(iters):
         order, bounds = _bounds(assignments, k)
-        mass = segment_sums(weights[order], bounds)
-        sums = segment_sums((weights * x)[order], bounds)
+        mass = segment_sums(point_weights[order], bounds)
+        sums = segment_sums((point_weights * points)[order], bounds)
         updated = torch.where(mass > 0, sums / mass.clamp(min=torch.finfo(torch.float64).tiny), codebook.double())
-        updated = updated.to(x.dtype)
+        updated = updated.to(points.dtype)
         empty = torch.nonzero(bounds[1:] == bounds[:-1]).flatten()
         if empty.numel() > 0:
-            updated[empty] = x[torch.argsort(distances, descending=True, stable=True)[: empty.numel()]]
+            updated[empty] = points[torch.argsort(distances, descending=True, stable=True)[: empty.numel()]]
         codebook = updated
-        new_assignments, distances = _weighted_assign(x, weights, codebook)
+        new_assignments, distances = assign(codebook)
         changed = bool((new_assignments != assignments).any())
         assignments = new_assignments
         if not changed:
@@ -163,7 +174,8 @@ def assign_with_feedback(weight: Tensor, upper: Tensor, codebook: Tensor, blocks
         u_block = upper[i1:i2, i1:i2]
         for g in range(0, i2 - i1, d):
             group = slice(g, g + d)
-            index, _ = _weighted_assign(block[:, group], saliency[i1 + g : i1 + g + d], codebook)
+            index = _weighted_assign(block[:, group].unsqueeze(0), saliency[i1 + g : i1 + g + d].unsqueeze(0),
+                                     codebook)[0][0]
             assignments[:, (i1 + g) // d] = index
             u_group = u_block[group, group]
             error = torch.linalg.solve_triangular(u_group, block[:, group] - codebook[index], upper=True, left=False)
@@ -241,10 +253,7 @@ def gptvq_quantize(weight: Tensor, hessian: Tensor, k: int, d: int, *, percdamp:
     out_features, in_features = weight.shape
     w, h, upper = prepare_hessian(weight, hessian, percdamp)
     saliency = torch.diagonal(upper).pow(-2).reshape(-1, d)  # (in / d, d): one row per column group
-    x = w.reshape(-1, d)
-    weights = saliency.repeat(out_features, 1)  # sub-vector i lies in column group i % (in / d)
-    codebook, _ = weighted_kmeans(x, weights, k, iters=kmeans_iters, seed=seed)
-    del weights
+    codebook, _ = weighted_kmeans(w.view(out_features, -1, d), saliency, k, iters=kmeans_iters, seed=seed)
     blocksize = min(blocksize, in_features)
     assignments = assign_with_feedback(w, upper, codebook, blocksize).reshape(-1)
     codebook = update_codebook(w, h, codebook, assignments, codebook_update_iters)
