@@ -37,7 +37,7 @@ from vq4dit import size
 from vq4dit.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs
 from vq4dit.gptq import gptq_quantize, output_error
 from vq4dit.gptvq import gptvq_quantize
-from vq4dit.io import config_from_dict
+from vq4dit.io import config_from_dict, progress
 from vq4dit.packed import Packed
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def layer_hessians(teacher: nn.Module, names: list[str], calibration: Calibratio
 def each_layer(model: nn.Module, names: list[str], hessians: dict[str, Tensor]):
     """(name, weight, Hessian) of every layer; a Hessian is freed after its last layer."""
     users = Counter(input_owner(n) for n in names)
-    for name in names:
+    for name in progress(names, desc="layers", unit="layer"):
         owner = input_owner(name)
         yield name, model.get_submodule(name).weight, hessians[owner]
         users[owner] -= 1
