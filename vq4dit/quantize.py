@@ -27,7 +27,8 @@ from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, sa
 log = logging.getLogger(__name__)
 
 #: method name -> function(model, layer names, setting, calibration config, device, teacher) -> (packed layers, info);
-#: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target)
+#: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target); the
+#: Hessian methods (GPTQ, Q-DiT, GPTVQ: ``vq4dit.baselines``) also take ``baselines`` (config key baselines)
 Quantizer = Callable[..., tuple[Packed, dict]]
 
 
