@@ -45,6 +45,11 @@ rule smoke:
         smoke_outputs,
 
 
+rule baselines:
+    input:
+        baselines_outputs,
+
+
 rule claims:
     input:
         claims_outputs,

@@ -64,13 +64,12 @@ def test_orderings_hold_fail_and_are_not_comparable_by_the_seed_noise():
     assert "no seed spread" in noiseless["w2: VQ4DiT < codebook-only"]["evidence"]
 
 
-def test_a_setting_missing_from_the_preset_or_the_table_is_not_run(tmp_path):
-    table = tmp_path / "settings.tsv"
-    table.write_text(SETTINGS_TSV.read_text() + "gptq-w2\tgptq\t2\t\t\t\tGPTQ 2-bit\n")
+def test_a_setting_missing_from_the_preset_or_the_table_is_not_run():
     rows = claims.w2_claims(evidence(metrics_table({k: v for k, v in FIDS.items() if k != "vq-kmeans-w2"}),
-                                     spread_table(SIGMAS), settings=table))
+                                     spread_table(SIGMAS), settings=SETTINGS_TSV))
     verdicts = {(r["id"], r["verdict"]) for r in rows}
     assert ("w2: gptq collapses", "not run") in verdicts  # found by method and bits, never run here
+    assert {("w2: qdit-w2 collapses", "not run"), ("w2: qdit-w2-g128 collapses", "not run")} <= verdicts
     assert ("w2: codebook-only < k-means", "not run") in verdicts
     assert ("w2: rtn collapses", "holds") in verdicts
 

@@ -81,6 +81,18 @@ def test_named_targets_of_the_smoke_preset(workdir, target, expected):
         assert code == 0 and job_counts(output)["benchmark_table"] == 1, output
 
 
+def test_baselines_target_runs_the_baseline_settings_beside_the_smoke_ones(workdir):
+    config = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    smoke = job_counts(snakemake(workdir, "-n", "smoke", "--configfile", "config/smoke.yaml")[1])
+    counts = job_counts(snakemake(workdir, "-n", "baselines", "--configfile", "config/smoke.yaml")[1])
+    settings = set(config["settings"]) | set(config["baseline_settings"])
+    assert counts["quantize"] == len(settings) and counts["tables"] == 1 and "claims_table" not in counts
+    assert counts["metrics"] == len(settings) * len(config["sampling"]["steps"])
+    assert smoke["quantize"] == len(set(config["settings"]) | set(config["ablation_candidates"]["settings"]))
+    code, output = snakemake(workdir, "-n", "baselines", "--configfile", "config/config.yaml", check=False)
+    assert code != 0 and "no config key 'baseline_settings'" in output
+
+
 def test_review_preset_runs_the_headline_settings_once_with_claims_and_manifest(workdir):
     config = yaml.safe_load((REPO / "config/review.yaml").read_text())
     counts = job_counts(snakemake(workdir, "-n", "review", "--configfile", "config/review.yaml")[1])
@@ -103,12 +115,14 @@ def test_smoke_preset_dry_run_does_not_merge_the_paper_config(workdir):
 
 @pytest.mark.parametrize(
     "row, message",
-    [("rtn-w9\tmagic\t9\t\t\t\tunknown method", r"line 12 \(id 'rtn-w9'\).*'magic' is not one of"),
-     ("rtn-wx\trtn\t\t\t\t\tmissing bits", r"line 12 \(id 'rtn-wx'\).*'bits' is a required property")],
+    [("rtn-w9\tmagic\t9\t\t\t\t\tunknown method", r"line {line} \(id 'rtn-w9'\).*'magic' is not one of"),
+     ("rtn-wx\trtn\t\t\t\t\t\tmissing bits", r"line {line} \(id 'rtn-wx'\).*'bits' is a required property")],
 )
 def test_bad_settings_row_fails_before_any_job(workdir, row, message):
     table = workdir / "config" / "settings.tsv"
-    table.write_text(table.read_text() + row + "\n")
+    text = table.read_text()
+    table.write_text(text + row + "\n")
+    message = message.format(line=len(text.splitlines()) + 1)
     code, output = snakemake(workdir, "--cores", "1", "--configfile", "config/smoke.yaml", check=False)
     assert code != 0 and re.search(message, output, re.S), output
     assert "settings.tsv" in output

@@ -43,7 +43,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vq4dit.assignments import VQLayers, VQLinear, attach
-from vq4dit.io import progress
+from vq4dit.io import config_from_dict, progress
 from vq4dit.models import num_classes
 from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
@@ -124,11 +124,7 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationConfig:
         """Build from a (possibly partial) dict; an unknown key raises ValueError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown calibration key(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "calibration")
 
     @property
     def optimizer_steps(self) -> int:

@@ -230,8 +230,10 @@ def w2_claims(ev: Evidence) -> list[dict]:
     if scalar.empty:
         rows.append(row("w2: scalar collapses", "At 2 bits, scalar quantization collapses", "–", "not run",
                         "no scalar 2-bit setting in the settings table", PAPER["scalar_collapse"], "–"))
-    for setting, method in zip(scalar.index, scalar["method"]):
-        rows += ordering(ev, f"w2: {method} collapses", f"At 2 bits, scalar {method} is far behind VQ4DiT ({setting} "
+    shared = scalar["method"].duplicated(keep=False)  # a method with several 2-bit settings: named by setting
+    for setting, method, several in zip(scalar.index, scalar["method"], shared):
+        name = setting if several else method
+        rows += ordering(ev, f"w2: {name} collapses", f"At 2 bits, scalar {method} is far behind VQ4DiT ({setting} "
                          "worse than VQ4DiT 2-bit beyond the noise)", vq4dit, [setting],
                          f"VQ4DiT 2-bit n = 2 vs {setting}", PAPER["scalar_collapse"])
     rows += ordering(ev, "ablation: n = 3 < n = 2", "A third candidate helps slightly (n = 3 better than n = 2 at 2 bits)",

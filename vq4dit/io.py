@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -139,3 +140,12 @@ def read_meta(path: str | Path) -> dict | None:
     """The ``meta`` entry of an .npz written by :func:`meta_array`, or None when it has none."""
     with np.load(path, allow_pickle=False) as data:
         return json.loads(str(data[META_KEY])) if META_KEY in data.files else None
+
+
+def config_from_dict(cls, d: dict, section: str):
+    """Dataclass ``cls`` from a (possibly partial) dict of config key ``section``; an unknown key raises ValueError naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**d)

@@ -79,7 +79,8 @@ def tradeoff(table: pd.DataFrame, paper: pd.DataFrame | None = None, resolution:
 
 
 #: colorblind-palette index per method (the rest take the remaining colours in order)
-METHOD_COLOURS = {"fp": 7, "rtn": 1, "vq-kmeans": 2, "vq-codebook": 0, "vq4dit": 4}
+METHOD_COLOURS = {"fp": 7, "rtn": 1, "vq-kmeans": 2, "vq-codebook": 0, "vq4dit": 4, "repq-vit": 3, "gptq": 5, "qdit": 6,
+                  "gptvq": 8}
 
 
 def method_palette(methods: list[str]) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from vq4dit import assignments, rtn, size
+from vq4dit.baselines import HESSIAN_METHODS, BaselineConfig
 from vq4dit.calibration import (
     CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
 )
@@ -26,7 +27,8 @@ from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, sa
 log = logging.getLogger(__name__)
 
 #: method name -> function(model, layer names, setting, calibration config, device, teacher) -> (packed layers, info);
-#: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target)
+#: ``model`` may be modified in place, ``teacher`` is the unmodified FP model (calibration target); the
+#: Hessian methods (GPTQ, Q-DiT, GPTVQ: ``vq4dit.baselines``) also take ``baselines`` (config key baselines)
 Quantizer = Callable[..., tuple[Packed, dict]]
 
 
@@ -36,9 +38,9 @@ def quantize_fp(model, names, setting, cfg, device, teacher) -> tuple[Packed, di
 
 
 def quantize_rtn(model, names, setting, cfg, device, teacher) -> tuple[Packed, dict]:
-    """Per-output-channel RTN of every block linear."""
-    bits = int(setting["bits"])
-    packed = {name: rtn.quantize_weight(model.get_submodule(name).weight, bits) for name in names}
+    """Per-output-channel RTN of every block linear; ``repq-vit``: with RepQ-ViT's percentile clipping search."""
+    bits, search = int(setting["bits"]), setting["method"] == "repq-vit"
+    packed = {name: rtn.quantize_weight(model.get_submodule(name).weight, bits, search) for name in names}
     return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}
 
 
@@ -83,9 +85,11 @@ def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher,
 
 
 METHODS: dict[str, Quantizer] = {
-    "fp": quantize_fp, "rtn": quantize_rtn, "vq-kmeans": quantize_vq, "vq-codebook": quantize_vq, "vq4dit": quantize_vq,
+    "fp": quantize_fp, "rtn": quantize_rtn, "repq-vit": quantize_rtn, "vq-kmeans": quantize_vq, "vq-codebook": quantize_vq,
+    "vq4dit": quantize_vq, **HESSIAN_METHODS,
 }
-FORMATS: dict[str, str] = {"rtn": "rtn", "vq-kmeans": "vq", "vq-codebook": "vq", "vq4dit": "vq"}
+FORMATS: dict[str, str] = {"rtn": "rtn", "repq-vit": "rtn", "gptq": "rtn", "qdit": "rtn", "vq-kmeans": "vq",
+                           "vq-codebook": "vq", "vq4dit": "vq", "gptvq": "vq"}
 
 
 def evaluate_block_mse(fp_model: torch.nn.Module, transformer: str, packed: Path, cfg: CalibrationConfig,
@@ -100,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
     parser.add_argument("--setting", required=True, help="the settings.tsv row as JSON")
     parser.add_argument("--calibration", default="{}", help="calibration config as JSON")
+    parser.add_argument("--baselines", default="{}", help="config key baselines as JSON (GPTQ, Q-DiT, GPTVQ)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True, help="packed model (.safetensors)")
     parser.add_argument("--info", required=True, help="JSON with size accounting and timings")
@@ -120,9 +125,12 @@ def run(args: argparse.Namespace) -> None:
     names = block_linear_names(model)
     log.info("setting %s (%s) on %d block linears, device %s", setting.get("id"), method, len(names), device)
     cfg = CalibrationConfig.from_dict(calibration)
+    baselines = BaselineConfig.from_dict(json.loads(args.baselines))
     fp_model = copy.deepcopy(model)  # one FP copy: calibration teacher, packed file's FP tensors, block-MSE reference
     start = time.perf_counter()
     extra = {"checkpoint": args.checkpoint} if method in CALIBRATED else {}
+    if method in HESSIAN_METHODS:
+        extra["baselines"] = baselines
     packed, info = METHODS[method](model, names, setting, cfg, device, fp_model, **extra)
     info["quantize_seconds"] = time.perf_counter() - start
     del model  # the student and its calibration state: the block-MSE check loads the packed file instead

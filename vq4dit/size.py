@@ -110,11 +110,14 @@ def vq_size(shapes: list[tuple[int, int]], k: int, d: int, codebook_bits: int = 
     }
 
 
-def scalar_size(shapes: list[tuple[int, int]], bits: int, group_overhead_bits_per_row: int = 32) -> dict:
-    """Per-output-channel scalar (RTN) size: ``bits``-bit weights, per-row scale + zero, fp32 biases."""
+def scalar_size(shapes: list[tuple[int, int]], bits: int, overhead_bits: list[int] | None = None) -> dict:
+    """Scalar (RTN, RepQ-ViT, GPTQ, Q-DiT) size: ``bits``-bit weights, fp32 biases and each layer's
+    ``overhead_bits``: by default one fp16 scale and one fp16 zero point per output row (32 bits per row);
+    grouped layers pass theirs (:func:`grouped_overhead_bits`)."""
     n_weights, n_biases = _totals(shapes)
+    overhead = sum(overhead_bits) if overhead_bits is not None else 32 * n_biases
     weights_mb = n_weights * bits / 8 / MB
-    overhead_mb = n_biases * group_overhead_bits_per_row / 8 / MB
+    overhead_mb = overhead / 8 / MB
     biases_mb = n_biases * 4 / MB
     fp32_mb = fp_size(shapes)["total_mb"]
     total_mb = weights_mb + overhead_mb + biases_mb
@@ -128,8 +131,20 @@ def scalar_size(shapes: list[tuple[int, int]], bits: int, group_overhead_bits_pe
         "total_mb": total_mb,
         "compression": fp32_mb / total_mb,
         "bits_per_weight": float(bits),
-        "bits_per_weight_with_overhead": bits + n_biases * group_overhead_bits_per_row / n_weights,
+        "bits_per_weight_with_overhead": bits + overhead / n_weights,
     }
+
+
+def grouped_overhead_bits(shape: tuple[int, int], group_size: int, act_order: bool) -> int:
+    """Bits a grouped layer stores besides codes and bias: fp16 scale and zero per row and group, the
+    int32 group size, and with act-order the column order (int16 per column, int32 above 32,768 columns).
+    ``group_size`` 0 or >= in_features: one group per row (32 bits a row)."""
+    rows, columns = shape
+    if not 0 < group_size < columns:
+        return 32 * rows
+    groups = -(-columns // group_size)
+    order = columns * (16 if columns <= 2**15 else 32) if act_order else 0
+    return 32 * rows * groups + 32 + order
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

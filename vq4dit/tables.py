@@ -239,6 +239,10 @@ def write_comparison(table: pd.DataFrame, notes: pd.DataFrame, title: str, out: 
                   f"FID {r.fid:g}; source: {r.source}" for r in notes.itertuples(index=False)]
     note_lines.append("- paper cells come from config/paper_results.csv; rows with verified = no there are "
                       "secondary-source numbers not yet checked against the paper's tables")
+    note_lines.append("- size (MB), the paper's convention: block linears only; codes, fp32 biases, every fp16 scale and "
+                      "zero point (per output row, or per group for GPTQ groups and Q-DiT), a grouped layer's group size "
+                      "and act-order column order, and every codebook (GPTVQ's and VQ4DiT's: fp16 in our files, "
+                      "fp32 in the paper's count)")
     md = f"### {title}\n\n" + markdown(flat.reset_index(), ".3g")
     Path(out["md"]).write_text(md + "\n\n" + "\n".join(note_lines) + "\n")
 

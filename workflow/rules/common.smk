@@ -38,7 +38,7 @@ def load_settings(path, ids):
         rows[row["id"]] = row
     missing = [s for s in ids if s not in rows]
     if missing:
-        raise WorkflowError(f"config keys 'settings' and 'ablation_candidates' name ids missing from {path}: {missing}")
+        raise WorkflowError(f"config keys 'settings', 'ablation_candidates' and 'baseline_settings' name ids missing from {path}: {missing}")
     return {s: rows[s] for s in ids}
 
 
@@ -48,7 +48,9 @@ if ABLATION and ABLATION["model"] not in MODELS:
 MAIN_SETTINGS = config["settings"]
 # the ablation's settings plus FP (for ΔFID to our own FP run; not a row of the ablation table)
 ABLATION_IDS = list(dict.fromkeys(["fp"] + ABLATION["settings"])) if ABLATION else []
-SETTINGS = load_settings(config["settings_table"], list(dict.fromkeys(MAIN_SETTINGS + ABLATION_IDS)))
+# the `baselines` target's extra settings (beside the main ones), not part of the preset's other outputs
+BASELINE_SETTINGS = config.get("baseline_settings", [])
+SETTINGS = load_settings(config["settings_table"], list(dict.fromkeys(MAIN_SETTINGS + ABLATION_IDS + BASELINE_SETTINGS)))
 
 
 def alternation(names):
@@ -166,6 +168,15 @@ def setting_json(wildcards):
     return json.dumps(SETTINGS[wildcards.setting], sort_keys=True)
 
 
+HESSIAN_METHODS = {"gptq", "qdit", "gptvq"}
+
+
+def baselines_json(wildcards):
+    """Config key baselines for the Hessian-based methods (others get none: changing it reruns only those)."""
+    used = SETTINGS[wildcards.setting]["method"] in HESSIAN_METHODS
+    return json.dumps(config.get("baselines", {}) if used else {}, sort_keys=True)
+
+
 def vae_folder(wildcards, input):
     return str(Path(input.vae[0]).parent) if input.vae else ""
 
@@ -202,6 +213,28 @@ def metric_files():
 
 def quantize_infos():
     return runs(QUANTIZE_INFO)
+
+
+def baseline_runs(pattern):
+    """``pattern`` over models x (main and baseline settings) x steps: the `baselines` target's table."""
+    return expand(pattern, preset=PRESET, model=MODELS, setting=list(dict.fromkeys(MAIN_SETTINGS + BASELINE_SETTINGS)),
+                  steps=SAMPLING["steps"])
+
+
+def tidy_metric_files(wildcards):
+    """The tidy table's runs: every main and ablation run (metrics) or the baselines target's (baselines)."""
+    return metric_files() if wildcards.tidy == "metrics" else baseline_runs(METRICS_FILE)
+
+
+def tidy_quantize_infos(wildcards):
+    return quantize_infos() if wildcards.tidy == "metrics" else baseline_runs(QUANTIZE_INFO)
+
+
+def baselines_outputs(wildcards=None):
+    if not BASELINE_SETTINGS:
+        raise WorkflowError(f"target baselines: preset {PRESET!r} has no config key 'baseline_settings' "
+                            "(the paper preset runs the baselines in its main settings)")
+    return expand("results/{preset}/tables/baselines.{ext}", preset=PRESET, ext=TABLE_FORMATS)
 
 
 def model_metric_files(wildcards):

@@ -11,6 +11,7 @@ rule quantize:
     params:
         setting=setting_json,
         calibration=json.dumps(config.get("calibration", {}), sort_keys=True),
+        baselines=baselines_json,
         device=config["device"],
         checkpoint="results/{preset}/quantized/{model}/{setting}.resume.pt",
     log:
@@ -24,5 +25,5 @@ rule quantize:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit quantize --transformer {input.transformer} --setting {params.setting:q}"
-        " --calibration {params.calibration:q} --device {params.device}"
+        " --calibration {params.calibration:q} --baselines {params.baselines:q} --device {params.device}"
         " --output {output.packed} --info {output.info} --checkpoint {params.checkpoint} > {log} 2>&1"

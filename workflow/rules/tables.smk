@@ -1,23 +1,26 @@
-# Tables: every run in one tidy table; per model the paper's layout next to the paper's numbers; the
-# candidate-count ablation; Snakemake's per-job benchmark records. CSV, Markdown, LaTeX and HTML each.
+# Tables: every run in one tidy table (metrics; the `baselines` target's: main and baseline settings); per model
+# the paper's layout next to the paper's numbers; the candidate-count ablation; Snakemake's per-job benchmark
+# records. CSV, Markdown, LaTeX and HTML each.
 
 
 rule tables:
     input:
-        metrics=metric_files(),
-        infos=quantize_infos(),
+        metrics=tidy_metric_files,
+        infos=tidy_quantize_infos,
     output:
-        csv="results/{preset}/tables/metrics.csv",
-        md="results/{preset}/tables/metrics.md",
-        tex="results/{preset}/tables/metrics.tex",
-        html=report("results/{preset}/tables/metrics.html", caption="../report/metrics_table.rst", category="Tables"),
+        csv="results/{preset}/tables/{tidy}.csv",
+        md="results/{preset}/tables/{tidy}.md",
+        tex="results/{preset}/tables/{tidy}.tex",
+        html=report("results/{preset}/tables/{tidy}.html", caption="../report/metrics_table.rst", category="Tables"),
     params:
         notice=NOTICE,
         cfg_scale=SAMPLING["cfg_scale"],
     log:
-        "logs/{preset}/tables/metrics.log",
+        "logs/{preset}/tables/{tidy}.log",
     benchmark:
-        "results/{preset}/benchmarks/tables/metrics.tsv"
+        "results/{preset}/benchmarks/tables/{tidy}.tsv"
+    wildcard_constraints:
+        tidy="metrics|baselines",
     localrule: True
     conda:
         "../../envs/vq4dit.yaml"
