@@ -85,14 +85,14 @@ def test_jobs_are_priced_from_the_rates_and_overrides_are_said():
 def test_cost_table_counts_gpu_hours_of_gpu_jobs_only_and_lists_jobs_without_rate():
     jobs = cost.parse_dry_run(DRY_RUN) + [cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "rtn-w2"}, 1)]
     p = pricer()
-    p.settings.loc["gptq-w2"] = {"id": "gptq-w2", "method": "gptq", "bits": "2"}
-    jobs.append(cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "gptq-w2"}, 1))
+    p.settings.loc["new-w2"] = {"id": "new-w2", "method": "new-method", "bits": "2"}  # a method with no rate yet
+    jobs.append(cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "new-w2"}, 1))
     table, unpriced = cost.cost_table(jobs, p)
     assert table.loc[("tables", ""), "gpu_hours"] == 0 and table.loc[("tables", ""), "hours"] > 0
     assert table.loc[("sample", "DiT-XL-2-256, 50 steps"), "gpu_hours"] == pytest.approx(
         table.loc[("sample", "DiT-XL-2-256, 50 steps"), "hours"])
     assert "review" not in table.index.get_level_values("rule")  # target rules cost nothing
-    assert len(unpriced) == 1 and "gptq" in unpriced[0]
+    assert len(unpriced) == 1 and "new-method" in unpriced[0]
     text = cost.report("review", "config/review.yaml", table, unpriced, p)
     assert "left out of the total (no rate): 1 job(s)" in text and "NVIDIA H200" in text
 
@@ -110,3 +110,19 @@ def test_cost_of_a_target_of_another_preset_names_it():
     result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", "table_512", "--configfile", "config/smoke.yaml"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and "no model of preset 'smoke' has paper_resolution 512" in result.stderr
+
+
+def test_baselines_are_priced_by_their_passes_and_stored_sizes():
+    """Q-DiT's search runs one GPTQ pass per candidate group size, its fixed configuration one; the disk
+    counts fp16 scale and zero per row and group (written out here: 28 blocks of DiT-XL/2's 7 linears)."""
+    p = pricer()
+    job = lambda sid: cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": sid}, 1)  # noqa: E731
+    searched, fixed, gptq = (p.price(job(s)) for s in ("qdit-w2", "qdit-w2-g128", "gptq-w2"))
+    passes = len(p.config.get("baselines", {}).get("qdit_group_sizes", [32, 64, 128, 256, 0]))
+    assert searched.seconds - fixed.seconds == pytest.approx((passes - 1) * p.value("baselines", "gptq_pass_s"))
+    assert fixed.seconds == pytest.approx(gptq.seconds)
+    shapes = [(1152, 1152)] * 4 + [(4608, 1152), (1152, 4608), (6912, 1152)]  # q, k, v, out, fc1, fc2, adaLN
+    rows_groups = sum(o * -(-i // 128) for o, i in shapes) * 28
+    rows = sum(o for o, _ in shapes) * 28
+    extra_bytes = (rows_groups - rows) * 32 / 8 + 28 * 7 * 32 / 8  # fp16 scale + zero per extra group; int32 group size
+    assert fixed.disk - gptq.disk == pytest.approx(extra_bytes, rel=1e-9)

@@ -59,38 +59,62 @@ FROZEN_LOGIT = 1e4
 
 
 class _SoftWeight(torch.autograd.Function):
-    """Sub-vectors ``sum_j r_j c[cand_j]`` (N, d) from ratios and candidates (n, N); deterministic backward.
+    """Every layer's sub-vectors ``sum_j r_j c[cand_j]`` (N_l, d) from ratios and candidates (n, N); a
+    deterministic backward.
 
     Written by hand because autograd's backward of ``codebook[candidates]`` is a scatter-add that CUDA
     does with atomic adds, or, in deterministic mode, by sorting the N·n indices at every step. Here the
     codebook gradient is ``index_add_`` in index order on a CPU (deterministic there, and the fastest
     form) and, on a GPU, a float64 segment sum in the candidates' codeword order, sorted once. The
     gathered candidate codewords (n x the weights' size) are not kept for the backward but gathered again
-    there, one candidate at a time: at DiT-XL/2 size they are 5.4 GB, a gather costs one read of them.
+    there. On a CPU the backward goes layer by layer, on each layer's weight gradient as autograd hands it
+    over: no (N, d) copy of the gradients and no (N, d) gather (at DiT-XL/2 size 2.7 GB each, the
+    difference between fitting a 24 GiB machine and not); on a GPU, one flat pass (fewest kernels).
     """
 
     @staticmethod
     def forward(ctx, ratios: Tensor, codebook: Tensor, candidates: Tensor, order: Tensor | None,
-                bounds: Tensor) -> Tensor:
+                bounds: Tensor, rows: tuple[int, ...]) -> tuple[Tensor, ...]:
         out = F.embedding(candidates[0], codebook).mul_(ratios[0].unsqueeze(1))
         for column, ratio in zip(candidates[1:], ratios[1:]):
             out.addcmul_(F.embedding(column, codebook), ratio.unsqueeze(1))
         ctx.save_for_backward(ratios, codebook, candidates, bounds)
-        ctx.order = order  # a fixed buffer of the container (None on a CPU), not an autograd input
-        return out
+        ctx.order, ctx.rows = order, rows  # fixed buffers and sizes of the container, not autograd inputs
+        return out.split(rows)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, *grads: Tensor):
         ratios, codebook, candidates, bounds = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_ratios = torch.stack([torch.einsum("nd,nd->n", F.embedding(column, codebook), grad)
-                                   for column in candidates])
-        grad_codebook = codebook_gradient(grad, ratios, candidates, ctx.order, bounds, codebook.shape)
-        return grad_ratios, grad_codebook, None, None, None
+        if ctx.order is not None:
+            grad = torch.cat(grads)
+            grad_ratios = _ratio_gradient(grad, codebook, candidates)
+            grad_codebook = codebook_gradient(grad, ratios, candidates, ctx.order, bounds, codebook.shape)
+            return grad_ratios, grad_codebook, None, None, None, None
+        grad_ratios = torch.empty_like(ratios)
+        grad_codebook = torch.zeros_like(codebook)
+        for grad, start, end in zip(grads, itertools.accumulate(ctx.rows, initial=0), itertools.accumulate(ctx.rows)):
+            grad = grad.contiguous()
+            grad_ratios[:, start:end] = _ratio_gradient(grad, codebook, candidates[:, start:end])
+            _add_codebook_gradient(grad_codebook, grad, ratios[:, start:end], candidates[:, start:end])
+        return grad_ratios, grad_codebook, None, None, None, None
+
+
+def _ratio_gradient(grad: Tensor, codebook: Tensor, candidates: Tensor) -> Tensor:
+    """d loss / d r_j = <c[cand_j], grad> per sub-vector (n, rows), one candidate's gather at a time."""
+    return torch.stack([torch.einsum("nd,nd->n", F.embedding(column, codebook), grad) for column in candidates])
 
 
 INDEX_ADD_ROWS = 1 << 22
 """Sub-vectors per ``index_add_`` on a CPU: bounds its temporaries (4M rows: 64 MB at d = 4)."""
+
+
+def _add_codebook_gradient(total: Tensor, grad: Tensor, ratios: Tensor, candidates: Tensor) -> None:
+    """``total[c] += ratios[j, i] * grad[i]`` for every candidate ``c = candidates[j, i]``: ``index_add_`` in
+    index order, :data:`INDEX_ADD_ROWS` sub-vectors at a time (deterministic on a CPU, not on a GPU)."""
+    for column, ratio in zip(candidates, ratios):
+        for start in range(0, grad.shape[0], INDEX_ADD_ROWS):
+            part = slice(start, start + INDEX_ADD_ROWS)  # int32 indices take an index_add_ path 8x slower
+            total.index_add_(0, column[part].long(), grad[part] * ratio[part].unsqueeze(1))
 
 
 def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: Tensor | None, bounds: Tensor,
@@ -99,8 +123,7 @@ def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: T
 
     ``sorted_sum`` (default: on GPUs) sums in the fixed codeword ``order`` of the flattened (n, N)
     candidates with :func:`segment_sums`, one coordinate at a time (peak memory of a few (n·N,)
-    vectors); otherwise ``index_add_`` in index order, :data:`INDEX_ADD_ROWS` sub-vectors at a time
-    (deterministic on a CPU, not on a GPU).
+    vectors); otherwise :func:`_add_codebook_gradient`.
     """
     if sorted_sum if sorted_sum is not None else grad.device.type != "cpu":
         if order is None:
@@ -109,10 +132,7 @@ def codebook_gradient(grad: Tensor, ratios: Tensor, candidates: Tensor, order: T
         ratio = ratios.reshape(-1)[order]
         return torch.stack([segment_sums(ratio * column[rows], bounds) for column in grad.t()], dim=1).to(grad.dtype)
     total = grad.new_zeros(shape)
-    for column, ratio in zip(candidates, ratios):
-        for start in range(0, grad.shape[0], INDEX_ADD_ROWS):
-            part = slice(start, start + INDEX_ADD_ROWS)  # int32 indices take an index_add_ path 8x slower
-            total.index_add_(0, column[part].long(), grad[part] * ratio[part].unsqueeze(1))
+    _add_codebook_gradient(total, grad, ratios, candidates)
     return total
 
 
@@ -249,8 +269,9 @@ class VQLayers(nn.Module):
     def _rebuild(self) -> tuple[Tensor, list[Tensor]]:
         ratios = self.ratios()
         order = self.codeword_order() if self.candidates.device.type != "cpu" else None
-        vectors = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, order, self.codeword_bounds)
-        weights = [part.view(out, inp) for part, (out, inp) in zip(vectors.split(self.layer_rows), self.layer_shapes)]
+        parts = _SoftWeight.apply(ratios, self._effective_codebook(), self.candidates, order, self.codeword_bounds,
+                                  tuple(self.layer_rows))
+        weights = [part.view(out, inp) for part, (out, inp) in zip(parts, self.layer_shapes)]
         return ratios, weights
 
     def _state(self) -> tuple:
@@ -298,14 +319,18 @@ class VQLayers(nn.Module):
     def freeze_(self, threshold: float | None = None) -> None:
         """Freeze sub-vectors whose largest ratio exceeds ``threshold`` (default ``freeze_threshold``);
         harden every layer with more than ``layer_threshold`` of its sub-vectors frozen."""
+        self._cache = None  # stale after any optimiser step; dropping it here lowers the step's peak memory
         threshold = self.freeze_threshold if threshold is None else threshold
         top, argmax = self.logits.softmax(dim=0).max(dim=0)
         over = top > threshold
+        del top
         frozen_after = self._layer_sums(self.frozen | over)
         harden = self.hard | (frozen_after > self.layer_threshold * self.rows_per_layer)
         newly = ~self.frozen & (over.view(-1, self.chunk) | self._by_row(harden)).view(-1)
-        one_hot = (self.columns == argmax).to(self.logits.dtype) * FROZEN_LOGIT
-        self.logits.copy_(torch.where(newly, one_hot, self.logits))
+        # logits of newly frozen sub-vectors := FROZEN_LOGIT * one_hot(argmax), in place (bool masks, no (n, N)
+        # float temporaries): x * 0 + 1e4 or x * 1 + 0 are exact for finite logits
+        self.logits.mul_(~newly)
+        self.logits.add_((self.columns == argmax) & newly, alpha=FROZEN_LOGIT)
         self.frozen.logical_or_(newly)
         self.hard.copy_(harden)
 

@@ -341,9 +341,9 @@ class Calibrator:
         l_d, l_r = l_d_blocks.mean(), self.vq.ratio_loss()
         on = self.switch.update(l_d.detach(), l_r.detach())
         loss = cfg.lambda_d * l_d + cfg.lambda_r * on.to(l_r.dtype) * l_r
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # before freezing: the gradients' memory is free for it
         self.vq.freeze_()
         step = self.step - 1
         if step % self.every == 0 or step == cfg.optimizer_steps - 1:

@@ -192,6 +192,8 @@ class Pricer:
         if method == "rtn":
             disk = size.scalar_size(shapes, int(setting["bits"]))["total_mb"] * MIB + nonblock
             return Price(seconds + self.value("rtn_s"), gb, disk, "fixed + RTN")
+        if method in ("repq-vit", "gptq", "qdit", "gptvq"):
+            return self._baseline(setting, model, shapes, seconds, gb, nonblock)
         if method not in ("vq-kmeans", "vq-codebook", "vq4dit"):
             return Price(None, gb, 0.0, f"no rate for method {method!r}")
         k, d = int(setting["k"]), int(setting["d"])
@@ -204,6 +206,33 @@ class Pricer:
             seconds += factor * steps * self.value("calibration", "ms_per_step") / 1000
             basis += f" + {steps:,} calibration steps"
         return Price(seconds, gb, size.vq_size(shapes, k, d)["total_mb"] * MIB + nonblock, basis)
+
+    def _baseline(self, setting, model, shapes, seconds: float, gb, nonblock: float) -> Price:
+        """RepQ-ViT (RTN's rate), GPTQ (one pass), Q-DiT (one pass per candidate group size, or one with a fixed
+        group), GPTVQ: the passes measured on all 196 DiT-XL/2 block linears, plus the Hessians' teacher
+        trajectories at the sampling rate."""
+        method, bits = setting["method"], setting.get("bits")
+        if method == "repq-vit":
+            disk = size.scalar_size(shapes, int(bits))["total_mb"] * MIB + nonblock
+            return Price(seconds + self.value("rtn_s"), gb, disk, "fixed + RTN")
+        options = {"qdit_group_sizes": [32, 64, 128, 256, 0], "qdit_budget_group_size": 128, "act_order": False,
+                   "trajectories": 8, "labels_per_trajectory": 4, "steps": 50, **self.config.get("baselines", {})}
+        rate = f"{model['image_size']}-tf32" if model["image_size"] >= 512 else "256-tf32"
+        image_steps = options["trajectories"] * options["labels_per_trajectory"] * options["steps"]
+        seconds += image_steps / self.value("sampling_image_steps_per_s", rate)
+        if method == "gptvq":
+            k, d = int(setting["k"]), int(setting["d"])
+            disk = size.vq_size(shapes, k, d)["total_mb"] * MIB
+            return Price(seconds + self.value("baselines", "gptvq_s"), gb, disk + nonblock, "fixed + Hessians + GPTVQ")
+        raw = setting.get("group_size")  # text; "" (or missing) where a setting has none
+        group = int(raw) if raw not in (None, "") and not pd.isna(raw) else None
+        searched = method == "qdit" and group is None
+        passes = len(options["qdit_group_sizes"]) if searched else 1
+        group = options["qdit_budget_group_size"] if searched else group or 0
+        overhead = [size.grouped_overhead_bits(s, group, options["act_order"]) for s in shapes]
+        disk = size.scalar_size(shapes, int(bits), overhead)["total_mb"] * MIB + nonblock
+        return Price(seconds + passes * self.value("baselines", "gptq_pass_s"), gb, disk,
+                     f"fixed + Hessians + {passes} GPTQ pass{'es' if passes > 1 else ''}")
 
     def kmeans_seconds(self, shapes, k: int, d: int, iters: int) -> float:
         """Every layer: seeding (on <= 64 k points) + iters x (assignment ∝ weights·k, update ∝ sub-vectors)."""

@@ -20,7 +20,7 @@ from vq4dit.baselines import HESSIAN_METHODS, BaselineConfig
 from vq4dit.calibration import (
     CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
 )
-from vq4dit.io import atomic_write_json, environment, log_peak_gpu_memory, resolve_device
+from vq4dit.io import atomic_write_json, environment, log_peak_gpu_memory, release_free_heap, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
 from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
@@ -74,6 +74,7 @@ def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher,
                                                         kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
     else:
         vq, layers = restore_layers(model, names, resume)
+    release_free_heap()
     info: dict = {"size": size.vq_size(shapes, k, d)}
     if method in CALIBRATED:
         history = calibrate(teacher, model, vq, layers, cfg, checkpoint, resume, key)
