@@ -4,7 +4,7 @@ Copies a finished run (``--from``, default this checkout's ``results/<preset>``:
 models, quantized models, reference images and features, timestamps kept; a ``resources/`` folder next
 to its ``results/`` is linked, not copied) into a fresh folder per seed, sets ``sampling.seed`` and lets
 Snakemake redo exactly what depends on it (sample -> features -> metrics -> tables, and the run's
-manifest). Prints FID per (setting, steps, N) for every seed with mean, standard deviation and range,
+manifest; and, where the preset has ``baseline_settings``, the ``baselines`` target's table). Prints FID per (setting, steps, N) for every seed with mean, standard deviation and range,
 checks the 2-bit ordering per seed, compares the manifests of the first two seeds
 (``python -m vq4dit compare-manifests``), and writes the **seed-spread record**
 ``config/seed_spread/<preset>.csv`` (``--record``): one row per (model, setting, steps, N, metric) with
@@ -103,16 +103,19 @@ def main() -> None:
     missing = [p for p in ("quantized", "features/reference") if not (source / p).is_dir()]
     if missing:
         sys.exit(f"{source}: missing {missing}; run `snakemake --cores 2 --configfile {args.configfile}` first")
+    has_baselines = bool(yaml.safe_load(args.configfile.read_text()).get("baseline_settings"))
     tables, manifests = [], []
     for seed in args.seeds:
         workdir = Path(tempfile.mkdtemp(prefix=f"vq4dit-seed{seed}-"))
         config, _ = prepare(workdir, source, args.configfile, seed)
         start = time.perf_counter()
-        targets = [f"results/{preset}/tables/metrics.csv", f"results/{preset}/manifest.json"]
+        tidy = ["metrics", "baselines"] if has_baselines else ["metrics"]
+        targets = [f"results/{preset}/tables/{t}.csv" for t in tidy] + [f"results/{preset}/manifest.json"]
         subprocess.run(["snakemake", *targets, "--cores", str(args.cores), "--configfile", config],
                        cwd=workdir, check=True, stdout=subprocess.DEVNULL)
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s in {workdir}", flush=True)
-        tables.append(pd.read_csv(workdir / f"results/{preset}/tables/metrics.csv").assign(seed=seed))
+        seed_runs = pd.concat([pd.read_csv(workdir / f"results/{preset}/tables/{t}.csv") for t in tidy])
+        tables.append(seed_runs.drop_duplicates(["model", "setting", "steps", "n_samples"]).assign(seed=seed))
         manifests.append(workdir / f"results/{preset}/manifest.json")
     runs = pd.concat(tables)
     # one row per sample count (N): all samples and the paper-share subsets of metrics.sample_counts
