@@ -5,7 +5,7 @@ k-means (``--iters`` Lloyd iterations, with and without deterministic algorithms
 stage turns on), then each part alone: the k-means++ seeding, one assignment pass, one centroid
 update, and inside the update the sort, the gather and the float64 cumulative sum, both ways: along
 dim 0 of (N, d) (the code before it was found 1,000x slower on CUDA) and per column as 1-D scans
-(what ``codebook._update`` runs now).
+(what ``codebook._update`` runs now); the assignment pass also in its former (k x rows) layout.
 
     python benchmarks/kmeans_bench.py --shape 4608 1152 --iters 20          # GPU
     python benchmarks/kmeans_bench.py --shape 1152 288 --iters 2 --device cpu
@@ -17,13 +17,21 @@ import argparse
 
 import torch
 
-from vq4dit.codebook import _assign, _kmeans_plus_plus, _update, kmeans, subvectors
+from vq4dit.codebook import CHUNK_ELEMENTS, _assign, _kmeans_plus_plus, _update, kmeans, subvectors
 from vq4dit.io import device_name, resolve_device
 
 from timing import timed
 
 REPEATS = 3
 """Timed calls per part (the best counts), after one warm-up call."""
+
+
+def assign_over_dim0(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    """The assignment pass's former layout: codewords along dim 0, the minimum taken over it."""
+    codebook_sq = codebook.pow(2).sum(1, keepdim=True)
+    step = CHUNK_ELEMENTS // codebook.shape[0]
+    for start in range(0, x.shape[0], step):
+        torch.addmm(codebook_sq, codebook, x[start : start + step].t(), alpha=-2.0).min(dim=0)
 
 
 def main() -> None:
@@ -48,6 +56,7 @@ def main() -> None:
     parts = {
         "k-means++ seeding (16384 points)": lambda: _kmeans_plus_plus(x[:16384], k, torch.Generator().manual_seed(0)),
         "assignment pass": lambda: _assign(x, codebook),
+        "  the same, (k x rows) distances reduced over dim 0 (before 2026-12-01)": lambda: assign_over_dim0(x, codebook),
         "centroid update": lambda: _update(x, assignments, sq, k),
         "  argsort (stable)": lambda: torch.argsort(assignments, stable=True),
         "  gather + float64": lambda: x[order].double(),

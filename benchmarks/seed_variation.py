@@ -2,7 +2,8 @@
 
 Copies a finished run (``--from``, default this checkout's ``results/<preset>``: trained or converted
 models, quantized models, reference images and features, timestamps kept; a ``resources/`` folder next
-to its ``results/`` is linked, not copied) into a fresh folder per seed, sets ``sampling.seed`` and lets
+to its ``results/`` is linked, not copied) into a fresh folder per seed (a seed the finished run itself sampled
+with is read from its tables, not redone), sets ``sampling.seed`` and lets
 Snakemake redo exactly what depends on it (sample -> features -> metrics -> tables, and the run's
 manifest; and, where the preset has ``baseline_settings``, the ``baselines`` target's table). Prints FID per (setting, steps, N) for every seed with mean, standard deviation and range,
 checks the 2-bit ordering per seed, compares the manifests of the first two seeds
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import shlex
 import shutil
@@ -51,6 +53,18 @@ def prepare(workdir: Path, source: Path, configfile: Path, seed: int) -> tuple[s
     config["sampling"]["seed"] = seed
     (workdir / "config/seed.yaml").write_text(yaml.safe_dump(config))
     return "config/seed.yaml", preset
+
+
+def sampled_seed(run: Path, tidy: list[str]) -> int | None:
+    """The sampling seed of a finished run (its manifest's config) when it has every tidy table, else None."""
+    manifest = run / "manifest.json"
+    if not manifest.is_file() or not all((run / f"tables/{t}.csv").is_file() for t in tidy):
+        return None
+    newest_table = max((run / f"tables/{t}.csv").stat().st_mtime for t in tidy)
+    samples = list((run / "samples").rglob("*.npz"))
+    if samples and max(p.stat().st_mtime for p in samples) > newest_table:
+        return None  # samples newer than the tables: not a finished run
+    return json.loads(manifest.read_text())["config"]["sampling"]["seed"]
 
 
 #: the method's claim at 2 bits, best first (lower FID)
@@ -104,19 +118,24 @@ def main() -> None:
     if missing:
         sys.exit(f"{source}: missing {missing}; run `snakemake --cores 2 --configfile {args.configfile}` first")
     has_baselines = bool(yaml.safe_load(args.configfile.read_text()).get("baseline_settings"))
+    tidy = ["metrics", "baselines"] if has_baselines else ["metrics"]
     tables, manifests = [], []
     for seed in args.seeds:
-        workdir = Path(tempfile.mkdtemp(prefix=f"vq4dit-seed{seed}-"))
-        config, _ = prepare(workdir, source, args.configfile, seed)
-        start = time.perf_counter()
-        tidy = ["metrics", "baselines"] if has_baselines else ["metrics"]
-        targets = [f"results/{preset}/tables/{t}.csv" for t in tidy] + [f"results/{preset}/manifest.json"]
-        subprocess.run(["snakemake", *targets, "--cores", str(args.cores), "--configfile", config],
-                       cwd=workdir, check=True, stdout=subprocess.DEVNULL)
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s in {workdir}", flush=True)
-        seed_runs = pd.concat([pd.read_csv(workdir / f"results/{preset}/tables/{t}.csv") for t in tidy])
+        if sampled_seed(source, tidy) == seed:
+            run = source
+            print(f"seed {seed}: the tables of {source} (sampled with seed {seed})", flush=True)
+        else:
+            workdir = Path(tempfile.mkdtemp(prefix=f"vq4dit-seed{seed}-"))
+            config, _ = prepare(workdir, source, args.configfile, seed)
+            start = time.perf_counter()
+            targets = [f"results/{preset}/tables/{t}.csv" for t in tidy] + [f"results/{preset}/manifest.json"]
+            subprocess.run(["snakemake", *targets, "--cores", str(args.cores), "--configfile", config],
+                           cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+            print(f"seed {seed}: {time.perf_counter() - start:.0f} s in {workdir}", flush=True)
+            run = workdir / "results" / preset
+        seed_runs = pd.concat([pd.read_csv(run / f"tables/{t}.csv") for t in tidy])
         tables.append(seed_runs.drop_duplicates(["model", "setting", "steps", "n_samples"]).assign(seed=seed))
-        manifests.append(workdir / f"results/{preset}/manifest.json")
+        manifests.append(run / "manifest.json")
     runs = pd.concat(tables)
     # one row per sample count (N): all samples and the paper-share subsets of metrics.sample_counts
     fid = runs.pivot_table(index=["setting", "steps", "n_samples"], columns="seed", values="fid", sort=False)

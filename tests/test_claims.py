@@ -124,6 +124,30 @@ def test_calibration_time_is_judged_for_dit_xl_on_a_gpu_at_the_authors_budget(in
         assert "not an A100" in row["evidence"]
 
 
+def test_gptvq_is_compared_at_the_same_bits():
+    rows = by_id(claims.w2_claims(evidence(metrics_table({**FIDS, "gptvq-w2": 15.0}), spread_table({**SIGMAS, "gptvq-w2": 1.0}))))
+    assert rows["w2: VQ4DiT < GPTVQ"]["verdict"] == "holds" and rows["w2: VQ4DiT < GPTVQ"]["margin"] == pytest.approx(7.0)
+    close = by_id(claims.w2_claims(evidence(metrics_table({**FIDS, "gptvq-w2": 9.0}), spread_table({**SIGMAS, "gptvq-w2": 1.0}))))
+    assert close["w2: VQ4DiT < GPTVQ"]["verdict"] == "does not hold"  # margin 1 within 2.83
+
+
+def test_baseline_claims_read_the_baselines_table_beside_the_main_one(tmp_path):
+    main_table, baselines = tmp_path / "metrics.csv", tmp_path / "baselines.csv"
+    metrics_table(FIDS).to_csv(main_table, index=False)
+    # the baselines table repeats main runs (here with another value: the main table's row is kept) and adds GPTQ
+    metrics_table({"vq4dit-w2": 99.0, "gptq-w2": 30.0}).to_csv(baselines, index=False)
+    metrics = claims.read_tidy([str(main_table), str(baselines)])
+    assert len(metrics) == len(FIDS) + 1
+    rows = by_id(claims.w2_claims(evidence(metrics, spread_table({**SIGMAS, "gptq-w2": 1.0}))))
+    gptq = rows["w2: gptq collapses"]
+    assert gptq["verdict"] == "holds" and gptq["margin"] == pytest.approx(22.0)
+    assert "tables/metrics.csv + tables/baselines.csv" in gptq["evidence"]
+    only_main = by_id(claims.w2_claims(evidence(claims.read_tidy([str(main_table)]), spread_table(SIGMAS),
+                                                cfg=config(baseline_settings=["gptq-w2"]))))
+    assert only_main["w2: gptq collapses"]["verdict"] == "not run"
+    assert "the `baselines` target runs gptq-w2: claims-baselines.*" in only_main["w2: gptq collapses"]["evidence"]
+
+
 def test_stage_writes_csv_md_html_with_a_verdict_per_claim(tmp_path):
     metrics = tmp_path / "metrics.csv"
     metrics_table(FIDS).to_csv(metrics, index=False)

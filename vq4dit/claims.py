@@ -1,7 +1,8 @@
 """Claims stage: one verdict per claim of the paper that this preset can test, each with its evidence.
 
 ``results/<preset>/claims.{csv,md,html}``: one row per (claim, scope), with our numbers (rows of
-``tables/metrics.csv`` and the quantize infos), the paper's number and its source, the rule that
+``tables/metrics.csv`` and the quantize infos; ``claims-baselines.*`` of the ``baselines`` target also reads
+``tables/baselines.csv``, the presets whose baselines run outside the main settings), the paper's number and its source, the rule that
 decides and a verdict: **holds**, **does not hold**, **not run** (this preset has no run that could
 test it) or **not comparable** (the paper's number is an unverified secondary reading or lacks its
 step count, the preset's model is a proxy for DiT-XL/2, no seed spread is recorded, …). Nothing is
@@ -55,9 +56,12 @@ PAPER = {
                        "reading, shared/docs/vq4dit-method.md; not in config/paper_results.csv)",
     "codebook_vs_kmeans": "calibrating the codebook improves on k-means VQ without calibration (the paper's motivation; "
                           "no number of it in config/paper_results.csv)",
+    "vq4dit_vs_gptvq": "not a claim of the paper (no VQ4DiT paper compares against GPTVQ): our question, issue 18",
     "w3_gap": "at 3 bits VQ4DiT is about 5-6 FID above full precision (secondary reading, "
               "shared/docs/vq4dit-method.md; not in config/paper_results.csv)",
 }
+#: what makes a row of a tidy table one run
+RUN_KEYS = ["model", "setting", "steps", "n_samples"]
 COLUMNS = ["id", "claim", "scope", "verdict", "evidence", "paper", "rule", "ours", "paper_value", "margin", "threshold"]
 
 
@@ -112,12 +116,32 @@ def info_table(paths: list[str]) -> pd.DataFrame:
                                        "device", "device_name", "precision", "size_mb", "path"])
 
 
+def read_tidy(paths: list[str]) -> pd.DataFrame:
+    """The tidy tables of the tables stage in one, each run once (the first table's row where they overlap)."""
+    tables = []
+    for path in paths:
+        try:
+            table = pd.read_csv(path)
+        except OSError as err:
+            raise OSError(f"{path}: cannot read the metrics table ({err})") from err
+        missing = [c for c in RUN_KEYS + ["fid"] if c not in table.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected a tidy table of the tables stage "
+                             "(tables/metrics.csv or tables/baselines.csv)")
+        tables.append(table)
+    metrics = pd.concat(tables, ignore_index=True).drop_duplicates(RUN_KEYS)
+    metrics.attrs["source"] = " + ".join("tables/" + Path(p).name for p in paths)
+    return metrics
+
+
 class Evidence:
     """The run's files and the preset's config, with lookups the rules share."""
 
     def __init__(self, metrics: pd.DataFrame, infos: pd.DataFrame, settings: pd.DataFrame, paper: pd.DataFrame,
                  spread: pd.DataFrame | None, config: dict):
         self.metrics, self.infos, self.settings, self.paper, self.spread = metrics, infos, settings, paper, spread
+        #: the tidy tables the metrics come from (named in every evidence)
+        self.source = metrics.attrs.get("source", "tables/metrics.csv")
         self.config = config
         counts = config.get("metrics", {}).get("sample_counts") or []
         #: the preset's stand-in for the paper's 10k samples: the first of metrics.sample_counts, else all samples
@@ -186,9 +210,11 @@ def ordering(ev: Evidence, id_: str, claim: str, better: list[str], worse: list[
             both = ev.runs(a).merge(ev.runs(b), on=["model", "steps", "n_samples"], suffixes=("_a", "_b"))
             if both.empty:
                 ran = [s for s in (a, b) if not ev.runs(s).empty]
+                elsewhere = [s for s in (a, b) if s in ev.config.get("baseline_settings", []) and s not in ran]
+                where = f"; the `baselines` target runs {', '.join(elsewhere)}: claims-baselines.*" if elsewhere else ""
                 out.append(row(f"{id_}", claim, "–", "not run",
                                f"{a} vs {b}: {'only ' + ran[0] + ' ran' if ran else 'neither ran'} in this preset "
-                               "(not at a common model and step count)", paper, rule))
+                               f"(not at a common model and step count){where}", paper, rule))
                 continue
             full = both[both["n_samples"] == both.groupby(["model", "steps"])["n_samples"].transform("max")]
             for r in full.itertuples():
@@ -200,7 +226,7 @@ def ordering(ev: Evidence, id_: str, claim: str, better: list[str], worse: list[
 def compare_pair(ev, id_, claim, a, b, model, steps, n, fid_a, fid_b, paper, rule) -> dict:
     scope = f"{model}, {steps} steps, N={n}"
     margin = fid_b - fid_a
-    evidence = f"FID {a} {fid_a:.2f}, {b} {fid_b:.2f} (tables/metrics.csv); margin {margin:.2f}"
+    evidence = f"FID {a} {fid_a:.2f}, {b} {fid_b:.2f} ({ev.source}); margin {margin:.2f}"
     sigmas = [ev.sigma(model, s, steps, n) for s in (a, b)]
     if None in sigmas:
         missing = [s for s, sigma in zip((a, b), sigmas) if sigma is None]
@@ -236,6 +262,10 @@ def w2_claims(ev: Evidence) -> list[dict]:
         rows += ordering(ev, f"w2: {name} collapses", f"At 2 bits, scalar {method} is far behind VQ4DiT ({setting} "
                          "worse than VQ4DiT 2-bit beyond the noise)", vq4dit, [setting],
                          f"VQ4DiT 2-bit n = 2 vs {setting}", PAPER["scalar_collapse"])
+    gptvq = ev.select(method="gptvq", bpw=2.0)
+    rows += ordering(ev, "w2: VQ4DiT < GPTVQ", "At 2 bits, calibrating candidate assignments (VQ4DiT) beats "
+                     "Hessian-aware VQ (GPTVQ) at the same k and d", vq4dit, gptvq, "VQ4DiT 2-bit n = 2 vs GPTVQ 2-bit",
+                     PAPER["vq4dit_vs_gptvq"])
     rows += ordering(ev, "ablation: n = 3 < n = 2", "A third candidate helps slightly (n = 3 better than n = 2 at 2 bits)",
                      n3, vq4dit, "VQ4DiT 2-bit n = 3 vs VQ4DiT 2-bit n = 2",
                      f"paper: {ev.paper_fid(n3[0]) if n3 else '–'}; {ev.paper_fid(vq4dit[0]) if vq4dit else '–'}")
@@ -259,7 +289,7 @@ def w3_gap(ev: Evidence) -> list[dict]:
     for r in both.itertuples():
         gap = float(r.fid_q - r.fid_fp)
         scope = f"{r.model}, {r.steps} steps, N={r.n_samples}"
-        evidence = f"FID {w3[0]} {r.fid_q:.2f} - {fp[0]} {r.fid_fp:.2f} = ΔFID(FP) {gap:.2f} (tables/metrics.csv)"
+        evidence = f"FID {w3[0]} {r.fid_q:.2f} - {fp[0]} {r.fid_fp:.2f} = ΔFID(FP) {gap:.2f} ({ev.source})"
         resolution = ev.models[r.model].get("paper_resolution")
         paper_gap, source = paper_difference(ev.paper, w3[0], fp[0], resolution, r.steps)
         reasons = comparability(ev, r.model)
@@ -471,7 +501,8 @@ def write(claims: pd.DataFrame, preset: str, out: dict[str, str], notice: str = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics", required=True, help="results/<preset>/tables/metrics.csv")
+    parser.add_argument("--metrics", nargs="+", required=True,
+                        help="tidy tables: results/<preset>/tables/metrics.csv [and tables/baselines.csv]")
     parser.add_argument("--infos", nargs="+", required=True, help="quantize info JSONs")
     parser.add_argument("--settings-table", required=True, help="config/settings.tsv")
     parser.add_argument("--paper", required=True, help="config/paper_results.csv")
@@ -487,13 +518,7 @@ def run(args: argparse.Namespace) -> None:
         config = json.loads(args.config)
     except json.JSONDecodeError as err:
         raise ValueError(f"--config: not JSON ({err})") from err
-    try:
-        metrics = pd.read_csv(args.metrics)
-    except OSError as err:
-        raise OSError(f"{args.metrics}: cannot read the metrics table ({err})") from err
-    missing = [c for c in ("model", "setting", "steps", "n_samples", "fid") if c not in metrics.columns]
-    if missing:
-        raise ValueError(f"{args.metrics}: missing column(s) {missing}; expected tables/metrics.csv of the tables stage")
+    metrics = read_tidy(args.metrics)
     ev = Evidence(metrics, info_table(args.infos), read_settings_table(args.settings_table), read_paper(args.paper),
                   read_spread(args.seed_spread), config)
     claims = build_claims(ev)

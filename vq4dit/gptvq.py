@@ -16,7 +16,7 @@ Steps and the choices made here:
 2. Codebook init: weighted k-means on all the layer's sub-vectors. Coordinate ``t`` of a sub-vector
    in column group ``g`` weighs ``1 / U_jj^2`` (``j = g d + t``, the GPTQ saliency of column j), and
    the distance is ``sum_t w_t (x_t - c_t)^2``. Seeding is VQ4DiT's own k-means++
-   (:func:`vq4dit.codebook.kmeans` with ``iters=0``: Euclidean D^2 sampling on a seeded sample of
+   (:func:`vq4dit.codebook.seed_codebook`: Euclidean D^2 sampling on a seeded sample of
    the points, deterministic for ``seed``); ``kmeans_iters`` weighted Lloyd iterations follow (a
    coordinate of a centroid is the weighted mean of its points' coordinates; an empty cluster moves
    to the point farthest from its codeword, as in codebook.py). One codebook per layer, fixed before
@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from vq4dit.assignments import index_dtype
-from vq4dit.codebook import CHUNK_ELEMENTS, kmeans, segment_sums
+from vq4dit.codebook import CHUNK_ELEMENTS, seed_codebook, segment_sums
+from vq4dit.gptq import one_thread
 
 
 def _check(weight: Tensor, hessian: Tensor, k: int, d: int, blocksize: int) -> None:
@@ -116,7 +117,7 @@ def _bounds(assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
     """k-means of the sub-vectors ``x`` (rows, G, d) when every coordinate of group g weighs ``weights[g]`` (G, d).
 
-    Seeded by :func:`vq4dit.codebook.kmeans` (k-means++ on ``x.reshape(-1, d)``, ``iters=0``, ``seed``);
+    Seeded by :func:`vq4dit.codebook.seed_codebook` (k-means++ on ``x.reshape(-1, d)``, ``seed``);
     then up to ``iters`` weighted Lloyd iterations, stopping once no assignment changes. Returns
     (codebook (k, d) float32, assignments (rows * G,) int64 in ``x.reshape(-1, d)``'s order), the
     assignments being the weighted-nearest codewords of the codebook.
@@ -129,7 +130,7 @@ def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: i
         indices, distances = _weighted_assign(by_group, weights, codebook)
         return indices.t().reshape(-1), distances.t().reshape(-1)
 
-    codebook, _ = kmeans(points, k, iters=0, seed=seed)
+    codebook = seed_codebook(points, k, seed)
     assignments, distances = assign(codebook)
     point_weights = weights.expand(rows, groups, d).reshape(-1, d)
     for _ in range(iters):
@@ -255,7 +256,8 @@ def gptvq_quantize(weight: Tensor, hessian: Tensor, k: int, d: int, *, percdamp:
     saliency = torch.diagonal(upper).pow(-2).reshape(-1, d)  # (in / d, d): one row per column group
     codebook, _ = weighted_kmeans(w.view(out_features, -1, d), saliency, k, iters=kmeans_iters, seed=seed)
     blocksize = min(blocksize, in_features)
-    assignments = assign_with_feedback(w, upper, codebook, blocksize).reshape(-1)
+    with one_thread():  # the column loop's operations are small (as GPTQ's)
+        assignments = assign_with_feedback(w, upper, codebook, blocksize).reshape(-1)
     codebook = update_codebook(w, h, codebook, assignments, codebook_update_iters)
     packed = {
         "assignments": assignments.to(index_dtype(k)),

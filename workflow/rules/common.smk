@@ -234,7 +234,19 @@ def baselines_outputs(wildcards=None):
     if not BASELINE_SETTINGS:
         raise WorkflowError(f"target baselines: preset {PRESET!r} has no config key 'baseline_settings' "
                             "(the paper preset runs the baselines in its main settings)")
-    return expand("results/{preset}/tables/baselines.{ext}", preset=PRESET, ext=TABLE_FORMATS)
+    return (expand("results/{preset}/tables/baselines.{ext}", preset=PRESET, ext=TABLE_FORMATS)
+            + expand("results/{preset}/claims-baselines.{ext}", preset=PRESET, ext=CLAIMS_FORMATS))
+
+
+def claims_tidy_tables(wildcards):
+    """claims: the main tidy table; claims-baselines: it and the baselines target's."""
+    tidy = ["metrics", "baselines"] if wildcards.claims == "claims-baselines" else ["metrics"]
+    return expand("results/{preset}/tables/{tidy}.csv", preset=PRESET, tidy=tidy)
+
+
+def claims_quantize_infos(wildcards):
+    extra = baseline_runs(QUANTIZE_INFO) if wildcards.claims == "claims-baselines" else []
+    return list(dict.fromkeys(quantize_infos() + extra))
 
 
 def model_metric_files(wildcards):
