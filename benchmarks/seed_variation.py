@@ -2,11 +2,11 @@
 
 Copies a finished run (``--from``, default this checkout's ``results/<preset>``: trained or converted
 models, quantized models, reference images and features, timestamps kept; a ``resources/`` folder next
-to its ``results/`` is linked, not copied) into a fresh folder per seed (a seed the finished run itself sampled
-with is read from its tables, not redone), sets ``sampling.seed`` and lets
-Snakemake redo exactly what depends on it (sample -> features -> metrics -> tables, and the run's
-manifest; and, where the preset has ``baseline_settings``, the ``baselines`` target's table). Prints FID per (setting, steps, N) for every seed with mean, standard deviation and range,
-checks the 2-bit ordering per seed, compares the manifests of the first two seeds
+to its ``results/`` is linked, not copied) into a fresh folder per seed (a seed the finished run itself
+sampled with is read from its tables, not redone), sets ``sampling.seed`` and lets Snakemake redo
+exactly what depends on it (sample -> features -> metrics -> tables, and the run's manifest; where the
+preset has ``baseline_settings``, the ``baselines`` target's table too). Prints FID per (setting, steps,
+N) for every seed with mean, standard deviation and range, checks the 2-bit ordering per seed, compares the manifests of the first two seeds
 (``python -m vq4dit compare-manifests``), and writes the **seed-spread record**
 ``config/seed_spread/<preset>.csv`` (``--record``): one row per (model, setting, steps, N, metric) with
 the seeds, their values, mean and standard deviation (ddof 1). The claims stage

@@ -1,15 +1,15 @@
 """Claims stage: one verdict per claim of the paper that this preset can test, each with its evidence.
 
 ``results/<preset>/claims.{csv,md,html}``: one row per (claim, scope), with our numbers (rows of
-``tables/metrics.csv`` and the quantize infos; ``claims-baselines.*`` of the ``baselines`` target also reads
-``tables/baselines.csv``, the presets whose baselines run outside the main settings), the paper's number and its source, the rule that
-decides and a verdict: **holds**, **does not hold**, **not run** (this preset has no run that could
-test it) or **not comparable** (the paper's number is an unverified secondary reading or lacks its
-step count, the preset's model is a proxy for DiT-XL/2, no seed spread is recorded, …). Nothing is
+``tables/metrics.csv`` and the quantize infos; ``claims-baselines.*`` of the ``baselines`` target also
+reads ``tables/baselines.csv``, for presets whose baselines run outside the main settings), the paper's
+number and its source, the rule that decides and a verdict: **holds**, **does not hold**, **not run**
+(this preset has no run that could test it) or **not comparable** (the paper's number is an unverified
+secondary reading or lacks its step count, the preset's model is a proxy for DiT-XL/2, no seed spread is recorded, …). Nothing is
 hard-coded but the paper's own statements (``PAPER``, each with its source); every number of ours is
 read from the run's files.
 
-The noise the rules use is the **seed spread** of the preset, ``benchmarks/seed_spread/<preset>.csv``
+The noise the rules use is the **seed spread** of the preset, ``config/seed_spread/<preset>.csv``
 (``benchmarks/seed_variation.py`` writes it: the same models sampled with several seeds; per model,
 setting, steps, sample count N and metric, the standard deviation σ over seeds):
 
