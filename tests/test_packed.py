@@ -29,6 +29,15 @@ def test_two_bit_layout_is_four_codes_per_byte_lowest_bits_first():
     assert pack_bits(codes, 2).tolist() == expected
 
 
+@pytest.mark.parametrize("bits, stream, codes", [
+    (2, [0b01_00_11_10, 0b11], [2, 3, 0, 1, 3]),      # four codes per byte, lowest bits first (written out by hand)
+    (4, [0x5A, 0x0F], [0xA, 0x5, 0xF]),
+    (3, [0b10_001_101, 0b0000_011_1], [0b101, 0b001, 0b110, 0b011]),  # codes cross byte boundaries
+])
+def test_unpacking_reads_the_documented_bit_layout(bits, stream, codes):
+    assert unpack_bits(torch.tensor(stream, dtype=torch.uint8), bits, len(codes)).tolist() == codes
+
+
 def test_codes_that_do_not_fit_are_rejected():
     with pytest.raises(ValueError, match="3 bits"):
         pack_bits(torch.tensor([8]), 3)

@@ -50,9 +50,22 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``count`` codes (int64)."""
-    planes = np.unpackbits(stream.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    return torch.from_numpy((planes.astype(np.int64) << np.arange(bits)).sum(axis=1))
+    """Inverse of :func:`pack_bits`: ``count`` codes (int64).
+
+    Widths that divide 8 (1, 2, 4) are read a byte at a time (code ``i`` of a byte is its bits from
+    ``i * bits`` up); others from the stream's bits, assembled in uint8 (DiT-XL/2's 196 2-bit layers:
+    16.6 s with int64 bit planes, the sample stage's largest start-up cost).
+    """
+    data = stream.numpy()
+    if 8 % bits == 0:
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        codes = ((data[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
+    else:
+        planes = np.unpackbits(data, count=count * bits, bitorder="little").reshape(count, bits)
+        codes = np.zeros(count, dtype=np.uint8)
+        for bit in range(bits):
+            codes |= planes[:, bit] << bit
+    return torch.from_numpy(codes.astype(np.int64))
 
 
 def code_bits(fmt: str, tensors: dict[str, torch.Tensor], setting: dict) -> int:
