@@ -1,15 +1,20 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
-import subprocess
-import sys
-
 from diffusers import DDPMScheduler
 
 from vq4dit.models import build_transformer
+from vq4dit.io import JobTerminated, TerminationRequest, read_meta
 from vq4dit.sample import (
-    RespacedDiffusion, generate_shard, guided_output, image_generator, labels_for, sample_batch, space_timesteps,
+    BatchStore, RespacedDiffusion, generate_shard, guided_output, image_generator, labels_for, sample_batch, space_timesteps,
     to_uint8,
 )
 
@@ -148,3 +153,107 @@ def test_guidance_below_one_is_refused(tiny_dit):
 def test_every_layer_norm_has_dits_eps():
     norms = [m for m in build_transformer("DiT-digits", 8, 1, 10).modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 4 * 2 + 1 and all(m.eps == 1e-6 for m in norms)  # per block: before attention and MLP
+
+
+SHARD = dict(seed=3, start=0, count=6, steps=4, cfg_scale=4.0, cfg_channels=None)
+
+
+def _shard(model, batch_size, **kwargs):
+    return generate_shard(model, None, SHARD["seed"], SHARD["start"], SHARD["count"], batch_size, SHARD["steps"],
+                          SHARD["cfg_scale"], SHARD["cfg_channels"], **kwargs)
+
+
+def _sigterm_at_call(model, monkeypatch, call: int) -> None:
+    """Send this process SIGTERM at the model's ``call``-th forward pass (counted from 1)."""
+    forward, calls = model.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+
+
+@pytest.mark.parametrize("resume_batch", [2, 3])
+def test_shard_stopped_by_sigterm_resumes_at_its_first_missing_image(tiny_dit, tmp_path, monkeypatch, resume_batch):
+    """SIGTERM inside the second batch (4 model calls a batch): batch 0..1 kept; the resume, at the same or another
+    batch size, makes the rest and the shard equals an uninterrupted run's."""
+    whole, labels = _shard(tiny_dit, 2)
+    folder, key = tmp_path / "shard0.npz.partial", {"seed": 3}
+    _sigterm_at_call(tiny_dit, monkeypatch, 6)
+    with TerminationRequest() as stop, pytest.raises(JobTerminated, match=r"images 0\.\.1 kept .* resumes at image 2"):
+        _shard(tiny_dit, 2, store=BatchStore(folder, key), stop=stop)
+    monkeypatch.undo()
+    assert [p.name for p in folder.iterdir()] == ["batch-000000000.npz"] and read_meta(next(folder.iterdir())) == key
+    store = BatchStore(folder, key)
+    images, resumed_labels = _shard(tiny_dit, resume_batch, store=store)
+    np.testing.assert_array_equal(images, whole)
+    np.testing.assert_array_equal(resumed_labels, labels)
+    assert sorted(p.name for p in folder.iterdir())[:2] == ["batch-000000000.npz", "batch-000000002.npz"]
+    store.remove()
+    assert not folder.exists()
+
+
+def test_batches_of_other_inputs_are_removed_not_used(tiny_dit, tmp_path):
+    folder = tmp_path / "shard0.npz.partial"
+    _shard(tiny_dit, 2, store=BatchStore(folder, {"seed": 4}))
+    (folder / "batch-000000004.npz").write_bytes(b"truncated")
+    assert BatchStore(folder, {"seed": 3}).resume(0) == 0 and not list(folder.iterdir())
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_images(tiny_dit, monkeypatch, caplog):
+    """Simulated OOM above 2 images (4 guided model inputs): batch 5 -> 2; the images of a batch-2 run."""
+    at_two, labels = _shard(tiny_dit, 2)
+    forward = tiny_dit.forward
+
+    def small_gpu(x, *args, **kwargs):
+        if len(x) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_dit, "forward", small_gpu)
+    images, halved_labels = _shard(tiny_dit, 5)
+    np.testing.assert_array_equal(images, at_two)
+    np.testing.assert_array_equal(halved_labels, labels)
+    assert "out of GPU memory at a batch of 5 images; going on with 2" in caplog.text
+
+
+@pytest.fixture
+def fp_packed(tiny_dit_dir, tmp_path):
+    packed = tmp_path / "fp.safetensors"
+    subprocess.run([sys.executable, "-m", "vq4dit", "quantize", "--transformer", str(tiny_dit_dir / "config.json"),
+                    "--setting", json.dumps({"id": "fp", "method": "fp"}), "--device", "cpu", "--output",
+                    str(packed), "--info", str(tmp_path / "fp.json")], check=True, capture_output=True)
+    return packed
+
+
+def _sample_command(tiny_dit_dir, packed, output) -> list[str]:
+    return [sys.executable, "-m", "vq4dit", "sample", "--transformer", str(tiny_dit_dir / "config.json"),
+            "--quantized", str(packed), "--steps", "50", "--cfg-scale", "4", "--seed", "0", "--start", "0",
+            "--count", "60", "--batch-size", "2", "--device", "cpu", "--output", str(output)]
+
+
+def test_sample_job_ended_by_sigterm_resumes_to_the_uninterrupted_shard(tiny_dit_dir, fp_packed, tmp_path):
+    """The CLI: SIGTERM after its first finished batch -> one line, exit 1, batches kept; the rerun writes the
+    shard an uninterrupted job writes (same arrays and meta but for timing) and removes the batches."""
+    whole, cut = tmp_path / "whole.npz", tmp_path / "cut.npz"
+    subprocess.run(_sample_command(tiny_dit_dir, fp_packed, whole), check=True, capture_output=True)
+    job = subprocess.Popen(_sample_command(tiny_dit_dir, fp_packed, cut), stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cut.npz.partial"
+    while not list(partial.glob("batch-*.npz")) and job.poll() is None:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGTERM)
+    stderr = job.communicate()[1]
+    assert job.returncode == 1 and not cut.exists(), stderr
+    assert stderr.strip().splitlines()[-1].startswith("vq4dit sample: error: SIGTERM received"), stderr
+    kept = len(list(partial.glob("batch-*.npz")))
+    assert 0 < kept < 30
+    resumed = subprocess.run(_sample_command(tiny_dit_dir, fp_packed, cut), check=True, capture_output=True, text=True)
+    assert f"resuming at image {2 * kept}" in resumed.stderr and not partial.exists()
+    with np.load(whole) as a, np.load(cut) as b:
+        assert a.files == b.files
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert read_meta(whole) == read_meta(cut)

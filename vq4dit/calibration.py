@@ -33,7 +33,13 @@ checkpoint is written, both inside :func:`host_reads`.
 Checkpoints: every ``checkpoint_minutes`` (after an optimiser step) the full state (VQ parameters
 and buffers, biases, optimiser, switch, history, every stream's trajectory: its x_t, step and
 per-image generator states) is written atomically; a rerun with the same fingerprint resumes from it
-and ends bit-identical to an uninterrupted run (test).
+and ends bit-identical to an uninterrupted run (test). On SIGTERM (a scheduler's warning before its
+time limit) the checkpoint is written at the end of the current optimiser step and the job stops.
+
+Faults: out of GPU memory, the calibration stops (naming the last checkpoint) rather than halving its
+batch: a step's ``2 * labels_per_trajectory`` inputs are its gradient and its teacher trajectories, so a
+smaller batch is another calibration. A NaN or infinite L_d or L_r stops it at the next history point,
+naming the step and block (:class:`NonFiniteLoss`).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vq4dit.assignments import VQLayers, VQLinear, attach
-from vq4dit.io import config_from_dict, progress
+from vq4dit.io import TerminationRequest, config_from_dict, progress
 from vq4dit.models import num_classes
 from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
@@ -68,6 +74,10 @@ HISTORY_POINTS = 100
 
 OBJECTIVES = ("blockwise", "sequential")
 RATIO_REG_RULES = ("patience", "trajectory-min")
+
+
+class NonFiniteLoss(ValueError):
+    """L_d or L_r became NaN or infinite: the calibration diverged."""
 
 
 @dataclass
@@ -361,6 +371,10 @@ class Calibrator:
             soft = [l_r_layers[i] for i in mine if not hard[i]]
             frozen = sum(frozen_layers[i] * rows[i] for i in mine) / max(sum(rows[i] for i in mine), 1)
             history.append((step, block_l_d, sum(soft) / len(soft) if soft else 0.0, frozen))
+        for block, history in enumerate(self.history):
+            if not (math.isfinite(history[-1][1]) and math.isfinite(history[-1][2])):
+                raise NonFiniteLoss(f"calibration diverged: L_d {history[-1][1]}, L_r {history[-1][2]} at optimiser "
+                                    f"step {step} in block {block}; no packed model written (lower the learning rates)")
         if self.bar is not None:
             self.bar.set_postfix(L_d=f"{sum(l_d) / len(l_d):.3g}", frozen=f"{sum(frozen_layers) / len(frozen_layers):.3f}",
                                  refresh=False)
@@ -482,9 +496,9 @@ def calibrate(teacher: nn.Module, student: nn.Module, vq: VQLayers, layers: dict
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     calibrator = Calibrator(teacher, student, vq, layers, cfg)
     streams = TeacherStreams(teacher, cfg)
-    previous, last_save = 0.0, time.monotonic()
+    previous, last_save, saved = 0.0, time.monotonic(), "no checkpoint kept: a rerun starts over"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TerminationRequest() as stop:
             if resume is None:
                 streams.stagger()
             else:
@@ -496,12 +510,19 @@ def calibrate(teacher: nn.Module, student: nn.Module, vq: VQLayers, layers: dict
                 for step in range(calibrator.step, cfg.optimizer_steps):
                     if step % cfg.steps == 0:  # a trajectory's length: the authors reset their L_r minimum here
                         calibrator.switch.new_trajectory()
-                    streams.advance(calibrator.forward(*streams.inputs()))
-                    if checkpoint is not None and step + 1 < cfg.optimizer_steps \
-                            and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes:
+                    try:
+                        streams.advance(calibrator.forward(*streams.inputs()))
+                    except torch.OutOfMemoryError as err:
+                        raise OSError(f"out of GPU memory at calibration step {step} ({saved} kept): a smaller "
+                                      "batch would be another calibration; rerun on a GPU with more memory (it resumes)"
+                                      " or lower calibration key labels_per_trajectory (starts over)") from err
+                    due = step + 1 < cfg.optimizer_steps and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
+                    if checkpoint is not None and (due or stop.requested):
                         _save_checkpoint(checkpoint, calibrator, streams, previous + time.perf_counter() - start,
                                          fingerprint)
                         last_save = time.monotonic()
+                        saved = f"checkpoint {checkpoint} at optimiser step {step + 1} kept: a rerun resumes there"
+                    stop.check(saved)
     finally:
         calibrator.close()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

@@ -9,8 +9,10 @@ import fcntl
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,39 @@ def atomic_write_json(path: Path, data: dict) -> None:
     tmp = _tmp(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+class JobTerminated(OSError):
+    """The job was asked to end (SIGTERM: a scheduler's warning before its time limit, or the limit itself)."""
+
+
+class TerminationRequest:
+    """While entered, SIGTERM only sets :attr:`requested` (main thread only; elsewhere SIGTERM is left as is).
+
+    The job polls :meth:`check` where stopping loses nothing (a finished batch, an optimiser step's end);
+    SLURM sends SIGTERM before its time limit (``sbatch --signal``) and again at it, then SIGKILL.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> TerminationRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def check(self, what: str) -> None:
+        """Raise :class:`JobTerminated` saying ``what`` was kept, once SIGTERM has arrived."""
+        if self.requested:
+            raise JobTerminated(f"SIGTERM received (a scheduler's time limit?): {what}")
 
 
 def load_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -18,7 +18,8 @@ import torch
 from vq4dit import assignments, rtn, size
 from vq4dit.baselines import HESSIAN_METHODS, BaselineConfig
 from vq4dit.calibration import (
-    CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
+    CalibrationConfig, NonFiniteLoss, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint,
+    restore_layers,
 )
 from vq4dit.io import atomic_write_json, environment, log_peak_gpu_memory, release_free_heap, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
@@ -77,7 +78,10 @@ def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher,
     release_free_heap()
     info: dict = {"size": size.vq_size(shapes, k, d)}
     if method in CALIBRATED:
-        history = calibrate(teacher, model, vq, layers, cfg, checkpoint, resume, key)
+        try:
+            history = calibrate(teacher, model, vq, layers, cfg, checkpoint, resume, key)
+        except NonFiniteLoss as err:
+            raise NonFiniteLoss(f"setting {setting.get('id')!r}: {err}") from err
         info.update(calibration_seconds=history.pop("calibration_seconds"),
                     optimizer_steps=history.pop("optimizer_steps"), precision=cfg.precision,
                     objective=cfg.objective, calibration_history=history)

@@ -8,18 +8,28 @@ takes the same step but derives the respaced beta ``1 - ᾱ_t/ᾱ_prev`` and the
 float32 from float32 ᾱ (about 1e-3 relative off near t = 0), so the step is written here.
 Image ``i`` draws its label, initial noise and per-step noise from one generator seeded by
 (``seed``, ``i``) only, so samples do not depend on the shard size or the batch size.
+
+Nothing long is lost to a kill: a job keeps every finished batch in ``<shard>.partial/`` (:class:`BatchStore`)
+and a rerun starts at the first missing image; out of GPU memory it halves its batch and goes on; on
+SIGTERM it stops within one sampling step, its finished batches kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vq4dit.io import META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device
+from vq4dit.io import (
+    META_KEY, TerminationRequest, atomic_savez, environment, load_npz, log_peak_gpu_memory, meta_array, progress,
+    read_meta, resolve_device,
+)
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
 
@@ -228,22 +238,111 @@ def set_precision(precision: str, device_type: str) -> torch.autocast:
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+class BatchStore:
+    """The finished batches of one shard: in memory, and in ``folder`` when given (``batch-<first image>.npz``).
+
+    Each batch file is written atomically with the job's ``key`` (what its images depend on: seed, steps,
+    guidance, precision, packed model); files of another key are stale (an input changed) and removed.
+    Batches are keyed by their first image: image i depends on (seed, i) only, so a rerun at another
+    batch size continues at the first missing image.
+    """
+
+    def __init__(self, folder: Path | None = None, key: dict | None = None) -> None:
+        self.folder, self.key = folder, key or {}
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def resume(self, start: int) -> int:
+        """Load the kept batches contiguous from ``start``; returns the first image still to make."""
+        if self.folder is None or not self.folder.is_dir():
+            return start
+        kept = {}
+        for path in self.folder.glob("batch-*.npz"):
+            if self._meta(path) != self.key:
+                log.warning("%s: unreadable or made from other inputs; removed", path)
+                path.unlink()
+            else:
+                kept[int(path.stem.split("-")[1])] = path
+        begin = start
+        while begin in kept:
+            batch = load_npz(kept.pop(begin), ("images", "labels"))
+            self.images.append(batch["images"])
+            self.labels.append(batch["labels"])
+            begin += len(batch["labels"])
+        if begin > start:
+            log.info("%s: resuming at image %d (%d images kept)", self.folder, begin, begin - start)
+        return begin
+
+    @staticmethod
+    def _meta(path: Path) -> dict | None:
+        try:
+            return read_meta(path)
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return None
+
+    def add(self, begin: int, images: np.ndarray, labels: np.ndarray) -> None:
+        if self.folder is not None:
+            atomic_savez(self.folder / f"batch-{begin:09d}.npz", images=images, labels=labels,
+                         **{META_KEY: meta_array(self.key)})
+        self.images.append(images)
+        self.labels.append(labels)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.images), np.concatenate(self.labels)
+
+    def remove(self) -> None:
+        """Drop the batch files (once the shard is written)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def partial_folder(shard: Path) -> Path:
+    """Where the sample job of ``shard`` keeps its finished batches: ``<shard>.partial``, never a rule's output."""
+    return shard.with_name(shard.name + ".partial")
+
+
 def generate_shard(
     model: torch.nn.Module, vae, seed: int, start: int, count: int, batch_size: int,
     steps: int, cfg_scale: float, cfg_channels: int | None, precision: str = "fp32",
+    store: BatchStore | None = None, stop: TerminationRequest | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (uint8 NHWC) and labels of one shard, generated in batches."""
-    images, labels = [], []
+    """Images (uint8 NHWC) and labels of one shard, generated in batches from the first image ``store`` lacks.
+
+    Out of GPU memory, the batch is halved (down to one image) and retried. ``stop``: checked at every
+    sampling step; after SIGTERM it raises (finished batches kept in ``store``).
+    """
+    store = store or BatchStore()
     autocast = set_precision(precision, next(model.parameters()).device.type)
-    for begin in progress(range(start, start + count, batch_size), desc=f"shard@{start}", unit="batch"):
-        n = min(batch_size, start + count - begin)
-        y, gens = labels_for(seed, begin, n, num_classes(model))
-        with autocast:
-            x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels)
-        with torch.inference_mode(), autocast:
-            images.append(to_uint8(decode(x, vae).float()))
-        labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
+    begin = store.resume(start)
+    with progress(total=count, initial=begin - start, desc=f"shard@{start}", unit="image") as bar:
+        while begin < start + count:
+            n = min(batch_size, start + count - begin)
+            hook = None if stop is None else lambda *_: stop.check(
+                f"images {start}..{begin - 1} kept in {store.folder}: a rerun resumes at image {begin}")
+            y, gens = labels_for(seed, begin, n, num_classes(model))
+            try:
+                with autocast:
+                    x = sample_batch(model, y, gens, steps, cfg_scale, cfg_channels, hook)
+                with torch.inference_mode(), autocast:
+                    images = to_uint8(decode(x, vae).float())
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                batch_size = n // 2
+                log.warning("out of GPU memory at a batch of %d images; going on with %d", n, batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            store.add(begin, images, y.numpy())
+            begin += n
+            bar.update(n)
+    return store.arrays()
+
+
+def packed_sha256(path: str | Path) -> str:
+    """sha256 of the packed model a shard is sampled from (part of its batches' key)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_vae(directory: str | None, device: torch.device):
@@ -288,9 +387,15 @@ def run(args: argparse.Namespace) -> None:
     vae = load_vae(args.vae, device)
     log.info("sampling images %d..%d, %d steps, cfg %.2f on %s", args.start, args.start + args.count - 1,
              args.steps, args.cfg_scale, device)
-    images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
-                                    args.steps, args.cfg_scale, args.cfg_channels, args.precision)
+    key = {"packed_sha256": packed_sha256(args.quantized), "start": args.start, "count": args.count,
+           "seed": args.seed, "steps": args.steps,
+           "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "precision": args.precision, "vae": args.vae}
+    store = BatchStore(partial_folder(Path(args.output)), key)
+    with TerminationRequest() as stop:
+        images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size, args.steps,
+                                        args.cfg_scale, args.cfg_channels, args.precision, store, stop)
     meta = environment(device, seed=args.seed, precision=args.precision)  # for the manifest (vq4dit.manifest)
     atomic_savez(Path(args.output), arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
+    store.remove()
     log.info("wrote %s: %s", args.output, images.shape)
     log_peak_gpu_memory(log, device)
