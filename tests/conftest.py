@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 import pytest
 
@@ -24,3 +27,19 @@ def tiny_dit_dir(tiny_dit, tmp_path):
     folder = tmp_path / "transformer"
     tiny_dit.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def sigterm_at_call(monkeypatch):
+    """``(model, call)``: send this process SIGTERM at the model's ``call``-th forward pass (counted from 1)."""
+    def patch(model: torch.nn.Module, call: int) -> None:
+        forward, calls = model.forward, []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", counted)
+    return patch

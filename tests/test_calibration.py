@@ -10,6 +10,7 @@ from vq4dit import calibration
 from vq4dit.assignments import quantize_model_linears
 from vq4dit.calibration import (
     CalibrationConfig,
+    NonFiniteLoss,
     RatioRegSwitch,
     TeacherStreams,
     Trajectories,
@@ -17,7 +18,10 @@ from vq4dit.calibration import (
     calibrate,
     collect_calibration_inputs,
     held_out,
+    load_checkpoint,
+    restore_layers,
 )
+from vq4dit.io import JobTerminated
 from vq4dit.models import block_linear_names
 
 CFG = dict(outer_iterations=3, labels_per_trajectory=2, steps=5, ratio_reg_start=3, kmeans_iters=10, precision="fp32")
@@ -204,3 +208,64 @@ def test_config_from_dict_and_bad_values() -> None:
         CalibrationConfig.from_dict({"bogus_key": 1})
     with pytest.raises(ValueError, match="objective"):
         CalibrationConfig.from_dict({"objective": "magic"})
+
+
+def _vq_weights(vq) -> torch.Tensor:
+    return torch.cat([vq.weight(i).detach().flatten() for i in range(len(vq))])
+
+
+def test_sigterm_writes_the_checkpoint_at_the_step_end_and_the_resume_ends_equal(tiny_dit, tmp_path, monkeypatch,
+                                                                                 sigterm_at_call) -> None:
+    """SIGTERM during optimiser step 6 (one teacher call a step): checkpoint after step 7, stop; the resumed run's
+    codebooks and assignments equal an uninterrupted run's."""
+    cfg = CalibrationConfig(**{**CFG, "checkpoint_minutes": 60})  # no periodic checkpoint in this run
+    q_model, vq, layers = _quantized(tiny_dit)
+    calibrate(tiny_dit, q_model, vq, layers, cfg)
+    whole = _vq_weights(vq)
+    checkpoint, key = tmp_path / "resume.pt", "fingerprint"
+    q_model, vq, layers = _quantized(tiny_dit)
+    sigterm_at_call(tiny_dit, 7)
+    with pytest.raises(JobTerminated, match=r"resume.pt at optimiser step 7 kept: a rerun resumes there"):
+        calibrate(tiny_dit, q_model, vq, layers, cfg, checkpoint, fingerprint=key)
+    monkeypatch.undo()
+    state = load_checkpoint(checkpoint, key, "cpu")
+    assert state["switch"]["steps"] == 7
+    q_model = copy.deepcopy(tiny_dit)
+    vq, layers = restore_layers(q_model, block_linear_names(q_model), state)
+    history = calibrate(tiny_dit, q_model, vq, layers, cfg, checkpoint, state, key)
+    assert history["optimizer_steps"] == 15 and torch.equal(_vq_weights(vq), whole)
+
+
+def test_out_of_memory_stops_naming_the_kept_checkpoint(tiny_dit, tmp_path, monkeypatch) -> None:
+    """Halving a calibration step's inputs would change the calibration: it stops instead (one-line OSError)."""
+    forward, calls = tiny_dit.forward, []
+
+    def small_gpu(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    q_model, vq, layers = _quantized(tiny_dit)
+    monkeypatch.setattr(tiny_dit, "forward", small_gpu)
+    cfg = CalibrationConfig(**{**CFG, "checkpoint_minutes": 0})
+    with pytest.raises(OSError, match=r"out of GPU memory at calibration step 3 \(checkpoint .*resume.pt at optimiser "
+                                      r"step 3 kept.*labels_per_trajectory"):
+        calibrate(tiny_dit, q_model, vq, layers, cfg, tmp_path / "resume.pt")
+
+
+def test_nan_loss_stops_at_the_history_point_naming_step_and_block(tiny_dit, monkeypatch) -> None:
+    """Block 1 turns NaN at optimiser step 4 (blockwise: block 0 stays finite); the next history point is step 6."""
+    monkeypatch.setattr(calibration, "HISTORY_POINTS", 5)  # a history point every 3 steps
+    q_model, vq, layers = _quantized(tiny_dit)
+    layer = next(m for name, m in layers.items() if name.startswith("transformer_blocks.1."))
+    forward, calls = layer.forward, []  # the student's layer runs once per optimiser step
+
+    def diverging(x):
+        calls.append(1)
+        return forward(x) * (float("nan") if len(calls) > 4 else 1.0)
+
+    monkeypatch.setattr(layer, "forward", diverging)
+    cfg = CalibrationConfig(**{**CFG, "objective": "blockwise"})
+    with pytest.raises(NonFiniteLoss, match=r"L_d nan, L_r .* at optimiser step 6 in block 1; no packed model"):
+        calibrate(tiny_dit, q_model, vq, layers, cfg)

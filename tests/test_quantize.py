@@ -137,3 +137,13 @@ def test_calibration_killed_mid_run_resumes_to_the_same_packed_tensors(tiny_dit_
     assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
     info = json.loads((tmp_path / "cut.json").read_text())
     assert info["optimizer_steps"] == 24 * 5 and not checkpoint.exists()
+
+
+def test_diverging_calibration_stops_in_one_line_and_writes_no_packed_model(tiny_dit_dir, tmp_path):
+    """A bias learning rate of 1e38 makes L_d infinite after the first step: the job names setting, step and block."""
+    command = _quantize_command(tiny_dit_dir, tmp_path, "nan", {**TINY_CALIBRATION, "lr_bias": 1e38})
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"vq4dit quantize: error: setting 'vq4dit': calibration diverged: L_d (nan|inf), .* at optimiser "
+                     r"step 1 in block 0; no packed model written", result.stderr.splitlines()[-1]), result.stderr
+    assert not (tmp_path / "nan.safetensors").exists() and not (tmp_path / "nan.json").exists()

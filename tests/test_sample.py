@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -163,26 +162,14 @@ def _shard(model, batch_size, **kwargs):
                           SHARD["cfg_scale"], SHARD["cfg_channels"], **kwargs)
 
 
-def _sigterm_at_call(model, monkeypatch, call: int) -> None:
-    """Send this process SIGTERM at the model's ``call``-th forward pass (counted from 1)."""
-    forward, calls = model.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", counted)
-
-
 @pytest.mark.parametrize("resume_batch", [2, 3])
-def test_shard_stopped_by_sigterm_resumes_at_its_first_missing_image(tiny_dit, tmp_path, monkeypatch, resume_batch):
+def test_shard_stopped_by_sigterm_resumes_at_its_first_missing_image(tiny_dit, tmp_path, monkeypatch, sigterm_at_call,
+                                                                    resume_batch):
     """SIGTERM inside the second batch (4 model calls a batch): batch 0..1 kept; the resume, at the same or another
     batch size, makes the rest and the shard equals an uninterrupted run's."""
     whole, labels = _shard(tiny_dit, 2)
     folder, key = tmp_path / "shard0.npz.partial", {"seed": 3}
-    _sigterm_at_call(tiny_dit, monkeypatch, 6)
+    sigterm_at_call(tiny_dit, 6)
     with TerminationRequest() as stop, pytest.raises(JobTerminated, match=r"images 0\.\.1 kept .* resumes at image 2"):
         _shard(tiny_dit, 2, store=BatchStore(folder, key), stop=stop)
     monkeypatch.undo()
