@@ -11,10 +11,12 @@ xfail: snakemake-executor-plugin-slurm 2.8.0 waits forever for it (see that test
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -276,3 +278,118 @@ def test_concurrent_gpu_jobs_each_use_the_gpu_slurm_gave_them(cluster, tmp_path,
     assert len({r["gpu"] for r in records}) == jobs, records
     allocated = [set(r["visible"]) for r in records]
     assert set().union(*allocated) == {"0", "1", "2", "3"} and sum(map(len, allocated)) == 4, records
+
+
+# Time-limit runs: work sized from the speed measured just before, so that the first attempt is cut by
+# SLURM's 1-minute minimum limit (enforced 60-90 s in) and the retries, resuming, finish.
+WORK_SECONDS = 100
+SAMPLE_BATCH, SAMPLE_STEPS = 4, 50
+LONG_CALIBRATION = dict(labels_per_trajectory=2, streams=1, steps=4, kmeans_iters=10,
+                        checkpoint_minutes=60)  # no periodic checkpoint: only SIGTERM at the limit writes one
+QUANTIZED = "results/smoke/quantized/digits/vq4dit-w2.safetensors"
+SHARD = f"results/smoke/samples/digits/fp/steps{SAMPLE_STEPS}/shard0.npz"
+
+
+def measured_work() -> tuple[int, int]:
+    """(calibration outer iterations, shard images) each worth about WORK_SECONDS on this machine now."""
+    import copy
+    from vq4dit.assignments import quantize_model_linears
+    from vq4dit.calibration import CalibrationConfig, calibrate
+    from vq4dit.models import block_linear_names, build_transformer
+    from vq4dit.sample import generate_shard
+
+    model = build_transformer("DiT-digits", sample_size=8, in_channels=1, num_classes=10).eval()
+    student = copy.deepcopy(model)
+    vq, layers = quantize_model_linears(student, block_linear_names(student), k=256, d=4, n_candidates=2,
+                                        kmeans_iters=1, seed=0)
+    start = time.perf_counter()
+    calibrate(model, student, vq, layers, CalibrationConfig(**{**LONG_CALIBRATION, "outer_iterations": 2}))
+    trajectory = (time.perf_counter() - start) / 2
+    start = time.perf_counter()
+    generate_shard(model, None, 0, 0, SAMPLE_BATCH, SAMPLE_BATCH, SAMPLE_STEPS, 1.5, None)
+    batch = time.perf_counter() - start
+    return math.ceil(WORK_SECONDS / trajectory), SAMPLE_BATCH * math.ceil(WORK_SECONDS / batch)
+
+
+def time_limited_profile(workdir: Path) -> None:
+    """profiles/slurm with quantize and sample limited to 1 minute (no early --signal: SLURM's own SIGTERM at
+    the limit, KillWait 5 s before SIGKILL) and enough retries for any load of the test machine."""
+    path = workdir / "profiles/slurm/profile.yaml"
+    profile = yaml.safe_load(path.read_text())
+    for rule in ("quantize", "sample"):
+        profile["set-resources"][rule]["runtime"] = 1
+        profile["set-resources"][rule].pop("slurm_extra")
+    profile["retries"] = 6
+    path.write_text(yaml.safe_dump(profile))
+
+
+@pytest.fixture(scope="module")
+def time_limit_run(cluster, tmp_path_factory):
+    """A calibration and a sample shard longer than their 1-minute limit through SLURM."""
+    outer_iterations, images = measured_work()
+    workdir = workflow_copy(tmp_path_factory.mktemp("timeout") / "w")
+    time_limited_profile(workdir)
+    config = write_config(
+        workdir, "timeout.yaml", **{**REDUCED, "settings": ["fp", "vq4dit-w2"],
+                                    "calibration": {**LONG_CALIBRATION, "outer_iterations": outer_iterations},
+                                    "sampling": {"steps": [SAMPLE_STEPS], "n_samples": images, "shard_size": images,
+                                                 "batch_size": SAMPLE_BATCH}})
+    since = run("date", "+%Y-%m-%dT%H:%M:%S").strip()
+    time.sleep(1)
+    code, output = snakemake(workdir, QUANTIZED, SHARD, "--workflow-profile", "profiles/slurm", "--configfile", config,
+                             "--default-resources", f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS,
+                             check=False)
+    return dict(code=code, output=output, jobs=sacct(since), workdir=workdir,
+                config=yaml.safe_load((workdir / config).read_text()))
+
+
+def uninterrupted(command: list[str], workdir: Path, threads: int) -> None:
+    subprocess.run(command, cwd=workdir, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def assert_timed_out_then_completed(jobs: pd.DataFrame, rule: str, wildcard: str) -> None:
+    states = list(jobs[(jobs.rule == rule) & jobs.Comment.str.contains(wildcard)].State)
+    assert len(states) >= 2 and set(states[:-1]) == {"TIMEOUT"} and states[-1] == "COMPLETED", (rule, jobs)
+
+
+def test_calibration_cut_by_the_time_limit_resumes_to_an_uninterrupted_runs_tensors(time_limit_run):
+    from safetensors.torch import load_file
+    import torch
+
+    run_ = time_limit_run
+    assert run_["code"] == 0, run_["output"][-5000:]
+    assert_timed_out_then_completed(run_["jobs"], "quantize", "vq4dit-w2")
+    workdir = run_["workdir"]
+    log = (workdir / "logs/smoke/quantize/digits/vq4dit-w2.log").read_text()
+    assert "resuming calibration at optimiser step" in log  # from the checkpoint SIGTERM wrote
+    info = json.loads((workdir / QUANTIZED.replace(".safetensors", ".json")).read_text())
+    reference = workdir / "uninterrupted.safetensors"
+    uninterrupted([sys.executable, "-m", "vq4dit", "quantize", "--transformer",
+                   "results/smoke/models/digits/transformer/config.json", "--setting", json.dumps(info["setting"]),
+                   "--calibration", json.dumps(run_["config"]["calibration"]), "--device", "cpu",
+                   "--output", str(reference), "--info", str(workdir / "uninterrupted.json")],
+                  workdir, info["environment"]["threads"])
+    cut, whole = load_file(str(workdir / QUANTIZED)), load_file(str(reference))
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in cut)
+
+
+def test_sample_shard_cut_by_the_time_limit_resumes_to_an_uninterrupted_shard(time_limit_run):
+    import numpy as np
+
+    run_ = time_limit_run
+    assert run_["code"] == 0, run_["output"][-5000:]
+    assert_timed_out_then_completed(run_["jobs"], "sample", "fp")
+    workdir, sampling = run_["workdir"], run_["config"]["sampling"]
+    assert "resuming at image" in (workdir / f"logs/smoke/sample/digits/fp/steps{SAMPLE_STEPS}/shard0.log").read_text()
+    assert not (workdir / (SHARD + ".partial")).exists()
+    reference = workdir / "uninterrupted.npz"
+    uninterrupted([sys.executable, "-m", "vq4dit", "sample", "--transformer",
+                   "results/smoke/models/digits/transformer/config.json", "--quantized",
+                   "results/smoke/quantized/digits/fp.safetensors", "--steps", str(SAMPLE_STEPS),
+                   "--cfg-scale", str(sampling["cfg_scale"]), "--seed", str(sampling["seed"]), "--start", "0",
+                   "--count", str(sampling["n_samples"]), "--batch-size", str(SAMPLE_BATCH), "--device", "cpu",
+                   "--output", str(reference)], workdir, 2)
+    with np.load(workdir / SHARD) as cut, np.load(reference) as whole:
+        np.testing.assert_array_equal(cut["arr_0"], whole["arr_0"])
+        np.testing.assert_array_equal(cut["labels"], whole["labels"])
