@@ -1,4 +1,6 @@
 # Sample: one shard of images per (model, setting, steps, shard); image i depends on (seed, i) only.
+# A killed or SIGTERM'd job keeps its finished batches in <shard>.partial/ (not an output); the retry resumes
+# there, and the folder is removed once the shard is written.
 
 
 rule sample:
