@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vq4dit.io import META_KEY, atomic_write_json, read_meta
+from vq4dit.io import CHECKSUM_KEY, META_KEY, atomic_write_json, file_sha256, read_meta
 from vq4dit.tables import read_json
 
 log = logging.getLogger(__name__)
@@ -47,22 +47,12 @@ LIBRARIES = ("torch", "numpy", "scipy", "pandas", "diffusers", "safetensors", "t
 INFO_KEYS = ("quantize_seconds", "calibration_seconds", "optimizer_steps", "device", "precision", "block_mse")
 #: numerics flags summarised per stage
 NUMERICS = ("tf32_matmul", "tf32_cudnn", "float32_matmul_precision", "deterministic", "precision", "threads")
-CHUNK = 1 << 22
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def arrays_sha256(path: Path) -> str:
-    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` left out."""
+    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` and the
+    checksum record left out."""
     digest = hashlib.sha256()
     with np.load(path, allow_pickle=False) as data:
-        for name in sorted(n for n in data.files if n != META_KEY):
+        for name in sorted(n for n in data.files if n not in (META_KEY, CHECKSUM_KEY)):
             array = np.ascontiguousarray(data[name])
             digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
             digest.update(array.tobytes())

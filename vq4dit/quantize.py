@@ -20,7 +20,7 @@ from vq4dit.baselines import HESSIAN_METHODS, BaselineConfig
 from vq4dit.calibration import (
     CalibrationConfig, block_mse, calibrate, collect_calibration_inputs, held_out, load_checkpoint, restore_layers,
 )
-from vq4dit.io import atomic_write_json, environment, log_peak_gpu_memory, release_free_heap, resolve_device
+from vq4dit.io import atomic_write_json, environment, file_sha256, log_peak_gpu_memory, release_free_heap, resolve_device
 from vq4dit.models import block_linear_names, load_transformer
 from vq4dit.packed import Packed, load_quantized_transformer, nonblock_bytes, save_packed
 
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> None:
     del model  # the student and its calibration state: the block-MSE check loads the packed file instead
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, FORMATS.get(method, method), setting, output)
+    info["packed_sha256"] = file_sha256(output)  # checked by the sample jobs before they load it
     info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
                 nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20,

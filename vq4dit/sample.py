@@ -13,13 +13,16 @@ Image ``i`` draws its label, initial noise and per-step noise from one generator
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vq4dit.io import META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device
+from vq4dit.io import (
+    META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device, verify_file,
+)
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
 
@@ -258,6 +261,7 @@ def load_vae(directory: str | None, device: torch.device):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
     parser.add_argument("--quantized", required=True, help="packed model of the setting (quantize stage output)")
+    parser.add_argument("--quantize-info", help="the quantize job's info JSON: the packed model is checked against its sha256")
     parser.add_argument("--vae", default="", help="diffusers VAE folder; empty for pixel-space models")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--cfg-scale", type=cfg_scale_arg, required=True, help="guidance scale >= 1 (1: none)")
@@ -281,6 +285,8 @@ def cfg_scale_arg(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.quantize_info:
+        verify_file(args.quantized, json.loads(Path(args.quantize_info).read_text()).get("packed_sha256"), "quantize")
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
     if args.compile:
@@ -291,6 +297,6 @@ def run(args: argparse.Namespace) -> None:
     images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
                                     args.steps, args.cfg_scale, args.cfg_channels, args.precision)
     meta = environment(device, seed=args.seed, precision=args.precision)  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), "sample", arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, images.shape)
     log_peak_gpu_memory(log, device)

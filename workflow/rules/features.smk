@@ -50,4 +50,4 @@ rule reference_features:
     shell:
         "python -m vq4dit features --inputs {input.images} --extractor {params.extractor}"
         " --weights {input.weights} --batch-size {params.batch_size} --device {params.device}"
-        " --output {output} > {log} 2>&1"
+        " --rule {rule} --output {output} > {log} 2>&1"
