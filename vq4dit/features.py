@@ -186,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--rule", default="features", help="the Snakemake rule of this job (recorded in the output's checksum)")
+    parser.add_argument("--made-by", default="features", help="the rule of this job, named by the output's checksum record")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     features = extract(images, model, args.batch_size, device)
     meta = {**environment(device), "inputs": input_environments(args.inputs)}  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), args.rule, **features, **stats, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), args.made_by, **features, **stats, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, {k: v.shape for k, v in features.items()})
     log_peak_gpu_memory(log, device)
 
