@@ -87,6 +87,15 @@ def test_flipped_byte_in_a_packed_model_stops_the_sample_job(tmp_path, capsys):
     assert not (tmp_path / "shard0.npz").exists()
 
 
+def test_unreadable_quantize_info_stops_the_sample_job(tmp_path, capsys):
+    info = tmp_path / "vq4dit-w2.json"
+    info.write_text('{"packed_sha256": "ab')  # cut short
+    err = refusal(["sample", "--transformer", "absent", "--quantized", "absent.safetensors", "--quantize-info",
+                   str(info), "--steps", "2", "--cfg-scale", "1", "--seed", "0", "--start", "0", "--count", "1",
+                   "--output", str(tmp_path / "shard0.npz")], capsys)
+    assert f"{info}: not JSON (" in err and RULE_HINT.format("quantize") in err
+
+
 def test_flipped_data_byte_in_a_shard_stops_the_features_job(tmp_path, capsys):
     shard = tmp_path / "shard3.npz"
     write_shard(shard)

@@ -9,8 +9,9 @@ distinct device names and the distinct numerics flags (TF32, deterministic kerne
 
 What ``sha256`` hashes: the file's bytes, except for the .npz files the pipeline writes (samples,
 features, the digits reference), whose zip headers carry the time they were written (``np.savez``):
-for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta``, so two
-runs that computed the same numbers have the same hash (``hash_of: arrays``). Downloaded files
+for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta`` and the
+checksum record (:func:`vq4dit.io.atomic_savez`), so two runs that computed the same numbers have
+the same hash (``hash_of: arrays``). Downloaded files
 (``resources/…``) are hashed as files, the value their ``sha256`` in the config pins.
 
 ``python -m vq4dit compare-manifests A B`` names the first artifact, in DAG order, whose hash differs

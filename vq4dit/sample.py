@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from vq4dit.io import (
-    META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device, verify_file,
+    META_KEY, atomic_savez, corrupt, environment, log_peak_gpu_memory, meta_array, progress, resolve_device,
+    verify_file,
 )
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
@@ -284,9 +285,17 @@ def cfg_scale_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def recorded_sha256(info: Path) -> str | None:
+    """The packed model's sha256 its quantize job recorded in ``info`` (None in an info written before it did)."""
+    try:
+        return json.loads(info.read_text()).get("packed_sha256")
+    except json.JSONDecodeError as err:
+        raise corrupt(info, f"not JSON ({err})", "quantize") from err
+
+
 def run(args: argparse.Namespace) -> None:
     if args.quantize_info:
-        verify_file(args.quantized, json.loads(Path(args.quantize_info).read_text()).get("packed_sha256"), "quantize")
+        verify_file(args.quantized, recorded_sha256(Path(args.quantize_info)), "quantize")
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
     if args.compile:
