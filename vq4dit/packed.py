@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vq4dit import assignments, rtn
+from vq4dit.methods import assignments, rtn
 from vq4dit.models import load_transformer, tie_embedders
 
 Packed = dict[str, dict[str, torch.Tensor]]
