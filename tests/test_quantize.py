@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vq4dit import rtn
+from vq4dit.methods import rtn
 from vq4dit.models import block_linear_names
 from vq4dit.packed import load_quantized_transformer, read_packed, unpack_bits
 

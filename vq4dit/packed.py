@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vq4dit import assignments, rtn
 from vq4dit.io import atomic_output
+from vq4dit.methods import assignments, rtn
 from vq4dit.models import load_transformer, tie_embedders
 
 Packed = dict[str, dict[str, torch.Tensor]]

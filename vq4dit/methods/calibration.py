@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq4dit.assignments import VQLayers, VQLinear, attach
 from vq4dit.io import atomic_output, config_from_dict, progress
+from vq4dit.methods.assignments import VQLayers, VQLinear, attach
 from vq4dit.models import num_classes
 from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
