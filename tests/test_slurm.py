@@ -293,8 +293,8 @@ SHARD = f"results/smoke/samples/digits/fp/steps{SAMPLE_STEPS}/shard0.npz"
 def measured_work() -> tuple[int, int]:
     """(calibration outer iterations, shard images) each worth about WORK_SECONDS on this machine now."""
     import copy
-    from vq4dit.assignments import quantize_model_linears
-    from vq4dit.calibration import CalibrationConfig, calibrate
+    from vq4dit.methods.assignments import quantize_model_linears
+    from vq4dit.methods.calibration import CalibrationConfig, calibrate
     from vq4dit.models import block_linear_names, build_transformer
     from vq4dit.sample import generate_shard
 

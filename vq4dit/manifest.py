@@ -9,13 +9,15 @@ distinct device names and the distinct numerics flags (TF32, deterministic kerne
 
 What ``sha256`` hashes: the file's bytes, except for the .npz files the pipeline writes (samples,
 features, the digits reference), whose zip headers carry the time they were written (``np.savez``):
-for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta``, so two
-runs that computed the same numbers have the same hash (``hash_of: arrays``). Downloaded files
-(``resources/…``) are hashed as files, the value their ``sha256`` in the config pins.
+for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta`` and the
+checksum record (:func:`vq4dit.io.atomic_savez`), so two runs that computed the same numbers have
+the same hash (``hash_of: arrays``). Downloaded files (``resources/…``) are hashed as files, the
+value their ``sha256`` in the config pins.
 
 ``python -m vq4dit compare-manifests A B`` names the first artifact, in DAG order, whose hash differs
 or that only one run has, with both jobs' environments, and the config keys, libraries and devices
-that differ.
+that differ. Its exit status follows ``diff`` and ``cmp``: 0 when every artifact is equal, 1 when one
+differs, 2 on bad input (a missing or malformed manifest).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vq4dit.io import META_KEY, atomic_write_json, read_meta
+from vq4dit.io import CHECKSUM_KEY, META_KEY, atomic_write_json, file_sha256, read_meta
 from vq4dit.tables import read_json
 
 log = logging.getLogger(__name__)
@@ -47,22 +49,14 @@ LIBRARIES = ("torch", "numpy", "scipy", "pandas", "diffusers", "safetensors", "t
 INFO_KEYS = ("quantize_seconds", "calibration_seconds", "optimizer_steps", "device", "precision", "block_mse")
 #: numerics flags summarised per stage
 NUMERICS = ("tf32_matmul", "tf32_cudnn", "float32_matmul_precision", "deterministic", "precision", "threads")
-CHUNK = 1 << 22
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def arrays_sha256(path: Path) -> str:
-    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` left out."""
+    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` and the
+    checksum record left out."""
     digest = hashlib.sha256()
     with np.load(path, allow_pickle=False) as data:
-        for name in sorted(n for n in data.files if n != META_KEY):
+        for name in sorted(n for n in data.files if n not in (META_KEY, CHECKSUM_KEY)):
             array = np.ascontiguousarray(data[name])
             digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
             digest.update(array.tobytes())
@@ -227,6 +221,11 @@ def describe(entry: dict | None) -> str:
     return text
 
 
+#: exit status of ``compare-manifests`` when an artifact differs (as ``diff``; equal: 0, bad input: 2, ``__main__``)
+EXIT_DIFFERENT = 1
+NO_DIFFERENCE = "no differing artifact"
+
+
 def compare(a: dict, b: dict) -> list[str]:
     """Lines naming the first differing artifact in DAG order (or that none differs), then what else differs."""
     by_key = [{artifact_key(e, m["preset"]): e for e in m["artifacts"]} for m in (a, b)]
@@ -235,7 +234,7 @@ def compare(a: dict, b: dict) -> list[str]:
                  None)
     lines = []
     if first is None:
-        lines.append(f"no differing artifact: all {len(keys)} artifacts have equal sha256")
+        lines.append(f"{NO_DIFFERENCE}: all {len(keys)} artifacts have equal sha256")
     else:
         entry_a, entry_b = by_key[0].get(first), by_key[1].get(first)
         path = (entry_a or entry_b)["path"]
@@ -285,5 +284,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    print("\n".join(compare(read_manifest(args.a), read_manifest(args.b))))
+    """Print the comparison; exit with EXIT_DIFFERENT when an artifact differs."""
+    lines = compare(read_manifest(args.a), read_manifest(args.b))
+    print("\n".join(lines))
     sys.stdout.flush()
+    if not lines[0].startswith(NO_DIFFERENCE):
+        sys.exit(EXIT_DIFFERENT)

@@ -17,7 +17,7 @@ SIGTERM it stops within one sampling step, its finished batches kept.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import logging
 import shutil
 import zipfile
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from vq4dit.io import (
-    META_KEY, TerminationRequest, atomic_savez, environment, load_npz, log_peak_gpu_memory, meta_array, progress,
-    read_meta, resolve_device,
+    META_KEY, TerminationRequest, atomic_savez, corrupt, environment, file_sha256, load_npz, log_peak_gpu_memory,
+    meta_array, progress, read_meta, resolve_device, verify_file, verify_npz,
 )
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
@@ -241,8 +241,9 @@ def set_precision(precision: str, device_type: str) -> torch.autocast:
 class BatchStore:
     """The finished batches of one shard: in memory, and in ``folder`` when given (``batch-<first image>.npz``).
 
-    Each batch file is written atomically with the job's ``key`` (what its images depend on: seed, steps,
-    guidance, precision, packed model); files of another key are stale (an input changed) and removed.
+    Each batch file is written atomically, with its checksum record (checked on resume) and the job's
+    ``key`` (what its images depend on: seed, steps, guidance, precision, packed model, shard range);
+    files that fail the check or hold another key are removed.
     Batches are keyed by their first image: image i depends on (seed, i) only, so a rerun at another
     batch size continues at the first missing image.
     """
@@ -276,13 +277,14 @@ class BatchStore:
     @staticmethod
     def _meta(path: Path) -> dict | None:
         try:
+            verify_npz(path)
             return read_meta(path)
         except (OSError, ValueError, zipfile.BadZipFile):
             return None
 
     def add(self, begin: int, images: np.ndarray, labels: np.ndarray) -> None:
         if self.folder is not None:
-            atomic_savez(self.folder / f"batch-{begin:09d}.npz", images=images, labels=labels,
+            atomic_savez(self.folder / f"batch-{begin:09d}.npz", "sample", images=images, labels=labels,
                          **{META_KEY: meta_array(self.key)})
         self.images.append(images)
         self.labels.append(labels)
@@ -339,12 +341,6 @@ def generate_shard(
     return store.arrays()
 
 
-def packed_sha256(path: str | Path) -> str:
-    """sha256 of the packed model a shard is sampled from (part of its batches' key)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def load_vae(directory: str | None, device: torch.device):
     """The VAE decoder of latent-space presets, or None for pixel-space models."""
     if not directory:
@@ -357,6 +353,7 @@ def load_vae(directory: str | None, device: torch.device):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
     parser.add_argument("--quantized", required=True, help="packed model of the setting (quantize stage output)")
+    parser.add_argument("--quantize-info", help="the quantize job's info JSON: the packed model is checked against its sha256")
     parser.add_argument("--vae", default="", help="diffusers VAE folder; empty for pixel-space models")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--cfg-scale", type=cfg_scale_arg, required=True, help="guidance scale >= 1 (1: none)")
@@ -379,7 +376,17 @@ def cfg_scale_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def recorded_sha256(info: Path) -> str | None:
+    """The packed model's sha256 its quantize job recorded in ``info`` (None in an info written before it did)."""
+    try:
+        return json.loads(info.read_text()).get("packed_sha256")
+    except json.JSONDecodeError as err:
+        raise corrupt(info, f"not JSON ({err})", "quantize") from err
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.quantize_info:
+        verify_file(args.quantized, recorded_sha256(Path(args.quantize_info)), "quantize")
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
     if args.compile:
@@ -387,7 +394,7 @@ def run(args: argparse.Namespace) -> None:
     vae = load_vae(args.vae, device)
     log.info("sampling images %d..%d, %d steps, cfg %.2f on %s", args.start, args.start + args.count - 1,
              args.steps, args.cfg_scale, device)
-    key = {"packed_sha256": packed_sha256(args.quantized), "start": args.start, "count": args.count,
+    key = {"packed_sha256": file_sha256(args.quantized), "start": args.start, "count": args.count,
            "seed": args.seed, "steps": args.steps,
            "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "precision": args.precision, "vae": args.vae}
     store = BatchStore(partial_folder(Path(args.output)), key)
@@ -395,7 +402,7 @@ def run(args: argparse.Namespace) -> None:
         images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size, args.steps,
                                         args.cfg_scale, args.cfg_channels, args.precision, store, stop)
     meta = environment(device, seed=args.seed, precision=args.precision)  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), "sample", arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
     store.remove()
     log.info("wrote %s: %s", args.output, images.shape)
     log_peak_gpu_memory(log, device)
