@@ -21,6 +21,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/helpers/resources.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/rehearsal.smk"
 include: "workflow/rules/quantize.smk"
