@@ -138,6 +138,8 @@ class Pricer:
             return Price(0.0, None, 0.0, "target")
         if self.name != "h200":
             return self.measured(job)
+        if job.wildcards.get("model") in self.config["models"] and "arch" not in self.model(job):
+            return Price(None, basis="the GPU rates price DiT models (models.<model>.arch) only")  # e.g. smoke on cuda
         model = getattr(self, f"_{job.rule}", None)
         if model is None:
             fallback = self.rates.get("rehearsal-cpu", {}).get("rules", {}).get(job.rule)
