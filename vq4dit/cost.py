@@ -14,6 +14,14 @@ total, never guessed.
     python -m vq4dit cost all                    # config/config.yaml
     python -m vq4dit cost smoke                  # config/smoke.yaml
     python -m vq4dit cost table_256 --configfile config/rehearsal.yaml
+
+Time limits: the GPU rules' ``runtime`` resource is :func:`runtime_minutes` (workflow/helpers/resources.smk),
+the same prices × config key ``runtime.safety_factor`` × attempt, capped at ``runtime.max_runtime``. With
+``--profile profiles/slurm`` the dry run goes through the profile and every job whose time does not fit its
+runtime or the partition's limit (``--max-runtime``, else the profile's or the config's ``runtime.max_runtime``)
+is listed, and the command exits 1:
+
+    python -m vq4dit cost all --profile profiles/slurm [--max-runtime 1440]
 """
 
 from __future__ import annotations
