@@ -113,6 +113,8 @@ def halved_batch_size(batch_size: int, device: torch.device, logger) -> int:
     if batch_size == 1:
         raise
     if device.type == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
     logger.warning("out of %s memory at batch size %d: going on at %d", device.type, batch_size, batch_size // 2)
     return batch_size // 2
