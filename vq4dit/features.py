@@ -203,22 +203,27 @@ def _npz_images(path: str | Path) -> Iterator[tuple[IO[bytes], tuple[int, ...]]]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as member:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path}: not an .npz file ({err})") from None
+    with archive:
+        if "arr_0.npy" not in archive.namelist():
+            found = [name.removesuffix(".npy") for name in archive.namelist()]
+            raise ValueError(f"{path}: missing key(s) ['arr_0']; found {found}")
+        with archive.open("arr_0.npy") as member:
             version = np.lib.format.read_magic(member)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
             if version not in read_header:
                 raise ValueError(f"{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0")
             shape, fortran_order, dtype = read_header[version](member)
             if dtype != np.uint8 or len(shape) != 4 or fortran_order:
-                raise ValueError(f"{path}: expected uint8 NHWC images in arr_0, got {dtype} {shape}")
+                order = " in Fortran order" if fortran_order else ""
+                raise ValueError(f"{path}: expected uint8 NHWC images in arr_0, got {dtype} {shape}{order}")
             yield member, shape
-    except KeyError:
-        raise ValueError(f"{path}: missing key(s) ['arr_0']; found {np.load(path).files}") from None
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{path}: not an .npz file ({err})") from None
 
 
 def npz_images_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of an .npz's ``arr_0`` images, from its header."""
     with _npz_images(path) as (_, shape):
         return shape
 
@@ -284,6 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     images, stats = ImageStream(args.inputs), reference_statistics(args.inputs)
+    if not len(images):
+        raise ValueError(f"{args.inputs[0]}: no images in arr_0 of the {len(args.inputs)} input file(s)")
     model = FeatureModel(args.extractor, args.weights)
     log.info("extracting %s features of %d images from %d file(s)", args.extractor, len(images), len(args.inputs))
     device = resolve_device(args.device)
