@@ -150,3 +150,9 @@ def test_out_of_memory_halves_the_batch_and_gives_the_features_of_the_smaller_ba
     monkeypatch.setattr(FeatureModel, "forward", lambda self, images: small_device(self, images, limit=0))
     with pytest.raises(torch.OutOfMemoryError):  # not even one image fits: the error, not a loop
         extract(ImageStream(paths), model, 2, "cpu")
+
+
+def test_the_cost_model_prices_the_chunk_the_stream_reads():
+    from vq4dit import cost  # cost does not import features (torch): its copy of the chunk size must follow
+
+    assert cost.READ_CHUNK_BYTES == features_module.CHUNK_BYTES
