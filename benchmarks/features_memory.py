@@ -5,7 +5,7 @@ random-weight Inception (``features.save_random_weights``: the real one's archit
 ``python -m vq4dit features`` on each set in a child process; its peak resident memory (VmHWM, the child's
 ``ru_maxrss`` from ``os.wait4``) is printed per set with their ratio.
 
-    python benchmarks/features_memory.py [--n 200] [--shard-size 150] [--batch-size 50]
+    python benchmarks/features_memory.py [--n 200] [--shard-size 150] [--batch-size 10]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="images of the small set (the large one has 4N)")
     parser.add_argument("--shard-size", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=10, help="small: the network's activations are not what grows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
