@@ -166,6 +166,20 @@ def test_unknown_threads_key_is_named(workdir):
     assert code != 0 and "sample" in output and "threads" in output
 
 
+def test_second_run_in_a_locked_folder_is_refused(workdir):
+    """A run holding the folder (its output locks, as Snakemake's file persistence writes them) refuses a
+    second run that would write the same files; ``--unlock`` clears a lock no live run holds."""
+    target = "results/smoke/reference/digits.npz"
+    locks = workdir / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.output.lock").write_text(target + "\n")
+    code, output = snakemake(workdir, target, "--cores", "1", "--configfile", "config/smoke.yaml", check=False)
+    assert code != 0 and "LockException" in output and "Directory cannot be locked" in output
+    assert "--unlock" in output and not (workdir / target).exists()
+    snakemake(workdir, target, "--unlock", "--configfile", "config/smoke.yaml")
+    assert not (locks / "0.output.lock").exists()
+
+
 @pytest.mark.e2e
 def test_smoke_run_end_to_end(workdir):
     """Reduced smoke preset: table complete and finite; rerun is a no-op; a deleted shard reruns alone."""

@@ -37,6 +37,7 @@ import pandas as pd
 import yaml
 
 from vq4dit import size
+from vq4dit.methods import REGISTRY
 
 #: the preset a named target needs when no --configfile is given
 DEFAULT_CONFIGS = {"smoke": "config/smoke.yaml", "review": "config/review.yaml"}
@@ -182,7 +183,7 @@ class Pricer:
         return self.config["models"][job.wildcards["model"]]
 
     def downloads(self) -> dict[str, dict]:
-        """resources path -> file spec, as workflow/rules/common.smk's downloads()."""
+        """resources path -> file spec, as workflow/helpers/config.smk's downloads()."""
         files = {f"checkpoints/{m}.pt": s["checkpoint"] for m, s in self.config["models"].items() if "checkpoint" in s}
         files.update({f"reference/{n}.npz": s for n, s in self.config.get("references", {}).items()})
         files.update({f"vae/{n}": s for n, s in self.config.get("vae", {}).get("files", {}).items()})
@@ -212,20 +213,21 @@ class Pricer:
         shapes = size.dit_block_linear_shapes(model["arch"])
         gb = self.profile["host_memory_gb"]["quantize_by_method"].get(method)
         seconds, nonblock = self.value("quantize_fixed_s"), self.value("nonblock_mib") * MIB
+        spec = REGISTRY.get(method)
         if method == "fp":
             return Price(seconds, gb, size.fp_size(shapes)["total_mb"] * MIB + nonblock, "fixed part")
         if method == "rtn":
             disk = size.scalar_size(shapes, int(setting["bits"]))["total_mb"] * MIB + nonblock
             return Price(seconds + self.value("rtn_s"), gb, disk, "fixed + RTN")
-        if method in ("repq-vit", "gptq", "qdit", "gptvq"):
+        if spec is not None and (spec.hessians or method == "repq-vit"):
             return self._baseline(setting, model, shapes, seconds, gb, nonblock)
-        if method not in ("vq-kmeans", "vq-codebook", "vq4dit"):
+        if spec is None or spec.format != "vq":
             return Price(None, gb, 0.0, f"no rate for method {method!r}")
         k, d = int(setting["k"]), int(setting["d"])
         calib = {"kmeans_iters": 100, "outer_iterations": 1000, "steps": 50, **self.config.get("calibration", {})}
         seconds += self.kmeans_seconds(shapes, k, d, calib["kmeans_iters"])
         basis = "fixed + k-means (derived)"
-        if method != "vq-kmeans":
+        if spec.calibrated:
             factor = self.value("calibration", "resolution_factor_512") if model["image_size"] >= 512 else 1.0
             steps = calib["outer_iterations"] * calib["steps"]  # whole-model steps, each incl. its teacher forward
             seconds += factor * steps * self.value("calibration", "ms_per_step") / 1000

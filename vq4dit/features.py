@@ -36,7 +36,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from vq4dit.io import (
     META_KEY, atomic_savez, environment, halved_batch_size, log_peak_gpu_memory, meta_array, progress, read_meta,
-    resolve_device,
+    resolve_device, verify_npz,
 )
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--made-by", default="features", help="the rule of this job, named by the output's checksum record")
 
 
 def run(args: argparse.Namespace) -> None:
+    for path in args.inputs:
+        verify_npz(path)
     images, stats = ImageStream(args.inputs), reference_statistics(args.inputs)
     if not len(images):
         raise ValueError(f"{args.inputs[0]}: no images in arr_0 of the {len(args.inputs)} input file(s)")
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     features = extract(images, model, args.batch_size, device)
     meta = {**environment(device), "inputs": input_environments(args.inputs)}  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), **features, **stats, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), args.made_by, **features, **stats, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, {k: v.shape for k, v in features.items()})
     log_peak_gpu_memory(log, device)
 

@@ -24,7 +24,7 @@ import sys
 
 from torch import nn
 
-from vq4dit.codebook import clamp_k
+from vq4dit.methods.codebook import clamp_k
 
 MB = float(1 << 20)
 

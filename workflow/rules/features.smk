@@ -39,6 +39,7 @@ rule reference_features:
         extractor=config["feature_extractor"]["name"],
         batch_size=config["metrics"]["batch_size"],
         device=config["device"],
+        made_by="reference_features",
     log:
         "logs/{preset}/reference_features/{reference}.log",
     benchmark:
@@ -52,4 +53,4 @@ rule reference_features:
     shell:
         "python -m vq4dit features --inputs {input.images} --extractor {params.extractor}"
         " --weights {input.weights} --batch-size {params.batch_size} --device {params.device}"
-        " --output {output} > {log} 2>&1"
+        " --made-by {params.made_by} --output {output} > {log} 2>&1"
