@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vq4dit.methods.codebook import _update, clamp_k, kmeans, nearest, subvectors
+from vq4dit.methods.codebook import _update, kmeans, nearest, subvectors
+from vq4dit.size import clamp_k
 
 
 def test_subvectors_are_contiguous_row_chunks() -> None:

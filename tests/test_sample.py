@@ -204,7 +204,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(tiny_dit, monkeypat
     images, halved_labels = _shard(tiny_dit, 5)
     np.testing.assert_array_equal(images, at_two)
     np.testing.assert_array_equal(halved_labels, labels)
-    assert "out of GPU memory at a batch of 5 images; going on with 2" in caplog.text
+    assert "out of cpu memory at batch size 5: going on at 2" in caplog.text
 
 
 @pytest.fixture

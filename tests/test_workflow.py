@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("Snakefile", "workflow", "config", "profiles", "envs")
+COPIED = ("Snakefile", "workflow", "config", "profiles", "envs", "benchmarks")  # benchmarks: rates.yaml (runtimes)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> tuple[int, str]:

@@ -253,6 +253,18 @@ def log_peak_gpu_memory(logger, device: torch.device) -> None:
         logger.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
 
 
+def halved_batch_size(batch_size: int, device: torch.device, logger) -> int:
+    """Half ``batch_size`` after an out-of-memory error (re-raised at 1), the device's cache emptied, said in the log."""
+    if batch_size == 1:
+        raise
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    logger.warning("out of %s memory at batch size %d: going on at %d", device.type, batch_size, batch_size // 2)
+    return batch_size // 2
+
+
 #: key of the job's environment (:func:`environment`) in the .npz files the sample and features stages write
 META_KEY = "meta"
 

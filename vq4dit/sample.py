@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from vq4dit.io import (
-    META_KEY, TerminationRequest, atomic_savez, corrupt, environment, file_sha256, load_npz, log_peak_gpu_memory,
-    meta_array, progress, read_meta, resolve_device, verify_file, verify_npz,
+    META_KEY, TerminationRequest, atomic_savez, corrupt, environment, file_sha256, halved_batch_size, load_npz,
+    log_peak_gpu_memory, meta_array, progress, read_meta, resolve_device, verify_file, verify_npz,
 )
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
@@ -314,7 +314,8 @@ def generate_shard(
     sampling step; after SIGTERM it raises (finished batches kept in ``store``).
     """
     store = store or BatchStore()
-    autocast = set_precision(precision, next(model.parameters()).device.type)
+    device = next(model.parameters()).device
+    autocast = set_precision(precision, device.type)
     begin = store.resume(start)
     with progress(total=count, initial=begin - start, desc=f"shard@{start}", unit="image") as bar:
         while begin < start + count:
@@ -328,12 +329,7 @@ def generate_shard(
                 with torch.inference_mode(), autocast:
                     images = to_uint8(decode(x, vae).float())
             except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-                batch_size = n // 2
-                log.warning("out of GPU memory at a batch of %d images; going on with %d", n, batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                batch_size = halved_batch_size(n, device, log)
                 continue
             store.add(begin, images, y.numpy())
             begin += n

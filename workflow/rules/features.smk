@@ -19,6 +19,7 @@ rule features:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("features"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:
@@ -46,6 +47,7 @@ rule reference_features:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("reference_features"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:

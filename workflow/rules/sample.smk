@@ -29,6 +29,7 @@ rule sample:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("sample"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:
