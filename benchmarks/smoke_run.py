@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def copy_workflow(workdir: Path) -> None:
-    """The files a run needs (Snakefile, rules, config, profiles, envs) into ``workdir``."""
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+    """The files a run needs (Snakefile, rules, config, profiles, envs, the rates the runtimes come from) into ``workdir``."""
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "benchmarks"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, workdir / name)
 
 

@@ -19,7 +19,7 @@ from vq4dit.models import build_transformer
 from vq4dit.prepare import convert_dit_state
 from vq4dit.rehearsal import NOTICE, dit_shapes, write_asset
 from vq4dit.tables import add_notice
-from test_workflow import job_counts, snakemake
+from test_workflow import COPIED, job_counts, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_notice_is_on_every_table_format(tmp_path):
 
 
 def test_rehearsal_dry_run_makes_every_download_from_a_local_asset(tmp_path):
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+    for name in COPIED:
         subprocess.run(["cp", "-r", str(REPO / name), str(tmp_path)], check=True)
     output = snakemake(tmp_path, "-n", "table_256", "--configfile", "config/rehearsal.yaml")[1]
     counts = job_counts(output)
@@ -99,7 +99,7 @@ def test_rehearsal_dry_run_makes_every_download_from_a_local_asset(tmp_path):
 
 @pytest.mark.rehearsal
 def test_rehearsal_256_runs_offline_from_an_empty_copy(tmp_path):
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+    for name in COPIED:
         subprocess.run(["cp", "-r", str(REPO / name), str(tmp_path)], check=True)
     result = subprocess.run(["snakemake", "table_256", "--cores", "2", "--configfile", "config/rehearsal.yaml"],
                             cwd=tmp_path, capture_output=True, text=True)
