@@ -99,7 +99,7 @@ def test_error_feedback_matches_group_by_group_reference_for_every_blocksize() -
     assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped))
     expected = _reference_feedback(weight, upper, codebook)
     for blocksize in (2, 4, 6, 16, 128):
-        assert torch.equal(assign_with_feedback(weight, upper, codebook, blocksize), expected), blocksize
+        assert torch.equal(assign_with_feedback(weight, upper, codebook, blocksize, "exact"), expected), blocksize
     # the feedback matters here: plain weighted-nearest assignment differs
     importance = (1.0 / torch.diagonal(upper) ** 2).reshape(-1, 2)
     plain = ((weight.reshape(8, 8, 1, 2) - codebook) ** 2 * importance.unsqueeze(1)).sum(-1).argmin(-1)
@@ -108,7 +108,7 @@ def test_error_feedback_matches_group_by_group_reference_for_every_blocksize() -
 
 def test_lazy_batches_change_nothing_end_to_end() -> None:
     weight, hessian = _weight(16, 32, 2), _hessian(32, 2)
-    results = [gptvq_quantize(weight, hessian, 8, 2, blocksize=b, seed=3) for b in (2, 8, 10, 32, 128)]
+    results = [gptvq_quantize(weight, hessian, 8, 2, blocksize=b, seed=3, variant="exact") for b in (2, 8, 10, 32, 128)]
     for result in results[1:]:
         assert all(torch.equal(results[0][key], result[key]) for key in result)
 
@@ -116,7 +116,7 @@ def test_lazy_batches_change_nothing_end_to_end() -> None:
 def test_identity_hessian_is_plain_nearest_codeword_vq() -> None:
     """H = I: no feedback (U diagonal), equal importances: the assignments are the Euclidean-nearest codewords."""
     weight = _weight(16, 32, 3)
-    packed = gptvq_quantize(weight, torch.eye(32), 8, 4, kmeans_iters=0, codebook_update_iters=0, seed=5)
+    packed = gptvq_quantize(weight, torch.eye(32), 8, 4, kmeans_iters=0, codebook_update_iters=0, seed=5, variant="exact")
     seeds, _ = kmeans(weight.reshape(-1, 4), 8, iters=0, seed=5)
     assert torch.equal(packed["codebook"], seeds.half())
     assert torch.equal(packed["assignments"].long(), torch.cdist(weight.reshape(-1, 4), seeds).argmin(1))
@@ -127,7 +127,7 @@ def test_output_error_is_at_most_plain_kmeans_vq(seed: int) -> None:
     """The issue's "block MSE <= vq-kmeans'" in miniature, both with fp16 codebooks as stored."""
     weight, hessian = _weight(32, 64, seed), _hessian(64, 10 + seed)
     k, d = 16, 2
-    gptvq = dequantize(gptvq_quantize(weight, hessian, k, d, seed=seed))[0]
+    gptvq = dequantize(gptvq_quantize(weight, hessian, k, d, seed=seed, variant="exact"))[0]
     codebook, assignments = kmeans(weight.reshape(-1, d), k, iters=100, seed=seed)
     plain = codebook.half().float()[assignments].reshape(weight.shape)
     assert _output_error(weight, gptvq, hessian) <= _output_error(weight, plain, hessian)
@@ -165,8 +165,8 @@ def test_codebook_update_never_increases_the_output_error(iters: int) -> None:
         after = _output_error(weight, updated[assignments].reshape(weight.shape), hessian)
         assert after <= before
     # and on GPTVQ's own assignments: the update only helps
-    no_update = gptvq_quantize(weight, hessian, 16, 4, codebook_update_iters=0)
-    with_update = gptvq_quantize(weight, hessian, 16, 4, codebook_update_iters=iters)
+    no_update = gptvq_quantize(weight, hessian, 16, 4, codebook_update_iters=0, variant="exact")
+    with_update = gptvq_quantize(weight, hessian, 16, 4, codebook_update_iters=iters, variant="exact")
     assert torch.equal(no_update["assignments"], with_update["assignments"])
     assert _output_error(weight, dequantize(with_update)[0], hessian) <= _output_error(weight, dequantize(no_update)[0], hessian)
 
