@@ -8,7 +8,16 @@ calibration inputs, instead of the weights' Euclidean error. The output is the p
 :meth:`vq4dit.assignments.VQLayers.packed` (assignments, fp16 codebook, shape; no bias), so
 :func:`vq4dit.assignments.dequantize` and ``vq4dit.packed``'s "vq" format apply unchanged.
 
-Steps and the choices made here:
+Two variants (``variant``, config ``baselines.gptvq_variant``). ``"published"`` (default) is the
+official code (Qualcomm-AI-research/gptvq ``vq_quant.py`` and ``gptq.py`` ``fasterquant``, as its
+scripts run it: ``--kmeans-init-method mahalanobis --hessian-weighted-lookups --include-m-step``):
+k-means from :func:`mahalanobis_init` with coordinate weights ``U_jj`` and empty codewords set to 0,
+assignments weighted by ``1 / U_jj``, each group's error ``(W_F - Q_F) / diag(U_FF)`` fed to the
+later columns only, and 25 Adam steps (lr 1e-3, restarted at lr / 10 when the loss rises) on the
+codebook (:func:`adam_codebook_update`). ``"exact"`` is ours, the steps below; on random layers it
+reaches a lower output error (benchmarks/baselines_fidelity.py, docs/departures.md).
+
+Steps of the ``"exact"`` variant and the choices made here:
 
 1. Hessian: dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weight column is set to 0 (as
    GPTQ); then ``H + percdamp * mean(diag H) * I``; ``U`` is the upper Cholesky factor of ``H^-1``
