@@ -93,13 +93,20 @@ def test_compare_manifests_command_and_bad_input(tmp_path, capsys):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(build(tmp_path / name, seed)))
         paths.append(str(path))
-    main(["compare-manifests", *paths])
+    with pytest.raises(SystemExit) as differ:
+        main(["compare-manifests", *paths])
+    assert differ.value.code == 1  # as diff: 1 when the runs differ
     assert "first differing artifact (DAG order): sample" in capsys.readouterr().out
+    main(["compare-manifests", paths[0], paths[0]])  # equal runs: returns, exit status 0
+    assert capsys.readouterr().out.startswith("no differing artifact")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"preset": "p"}))
-    with pytest.raises(SystemExit):
-        main(["compare-manifests", paths[0], str(bad)])
-    assert "bad.json: not a vq4dit manifest (missing ['artifacts', 'config'])" in capsys.readouterr().err
+    for args in ([paths[0], str(bad)], [paths[0], str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit) as trouble:
+            main(["compare-manifests", *args])
+        assert trouble.value.code == 2  # as diff: 2 on bad input
+    err = capsys.readouterr().err
+    assert "bad.json: not a vq4dit manifest (missing ['artifacts', 'config'])" in err and "missing.json" in err
 
 
 def test_environment_records_device_and_numerics():

@@ -201,7 +201,7 @@ def test_smoke_run_end_to_end(workdir):
     assert sorted(ablation["n"].unique()) == [1, 2]
     claims = pd.read_csv(workdir / "results/smoke/claims.csv")
     assert set(claims["verdict"]) <= {"holds", "does not hold", "not run", "not comparable"} and len(claims) >= 5
-    assert {"w2: VQ4DiT < codebook-only", "w2: rtn collapses", "size: vq4dit-w2"} <= set(claims["id"])
+    assert {"w2: VQ4DiT < codebook-only", "w2: rtn worse than VQ4DiT", "w2: rtn collapses", "size: vq4dit-w2"} <= set(claims["id"])
     manifest = json.loads((workdir / "results/smoke/manifest.json").read_text())
     stages = [a["stage"] for a in manifest["artifacts"]]
     assert stages == sorted(stages, key=["prepare", "quantize", "sample", "features", "metrics"].index)

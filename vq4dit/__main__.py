@@ -30,8 +30,9 @@ STAGES = {
 ENTRY_POINTS = {"compare-manifests": ("manifest", "compare")}
 #: the exceptions stages raise for a user's input or environment (not bugs)
 EXPECTED_ERRORS = (ValueError, OSError)
-#: exit status of an expected failure
+#: exit status of an expected failure; commands with a convention of their own: command -> status
 EXIT_FAILURE = 1
+EXIT_FAILURE_OF = {"compare-manifests": 2}  # as diff and cmp: 1 means "differ", 2 "trouble"
 
 
 def cap_threads() -> None:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
         print(f"vq4dit {args.stage}: error: {message} (--debug shows the traceback)", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        sys.exit(EXIT_FAILURE_OF.get(args.stage, EXIT_FAILURE))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Small file and device helpers shared by the stages."""
+"""Small file and device helpers shared by the stages.
+
+torch is imported inside the device helpers only: the stages that never touch a model (tables, claims,
+manifest, plots) import this module without paying torch's start-up (seconds per job).
+"""
 
 from __future__ import annotations
 
 import ctypes
-
 import dataclasses
 import fcntl
 import json
@@ -13,9 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 
 #: open lock files of the GPUs this process holds (released when the process exits)
@@ -28,6 +35,8 @@ def claim_gpu(lock_dir: str | None = None) -> int:
     Snakemake never sets CUDA_VISIBLE_DEVICES, so local jobs running side by side (``--resources
     gpu=N``) would all pick GPU 0; each job instead locks the first free GPU for its lifetime.
     """
+    import torch
+
     if _GPU_LOCKS:
         return next(iter(_GPU_LOCKS))
     folder = Path(lock_dir or os.environ.get("VQ4DIT_GPU_LOCKS", tempfile.gettempdir()))
@@ -47,6 +56,8 @@ def claim_gpu(lock_dir: str | None = None) -> int:
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: a free GPU when CUDA is present (see :func:`claim_gpu`), else the CPU; else as given."""
+    import torch
+
     if name in ("auto", "cuda"):
         return torch.device("cuda", claim_gpu()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
@@ -91,6 +102,8 @@ def progress(iterable=None, **kwargs) -> tqdm:
 
 def log_peak_gpu_memory(logger, device: torch.device) -> None:
     """Log the peak GPU memory of this process (read by benchmarks/rehearsal_costs.py); nothing on the CPU."""
+    import torch
+
     if device.type == "cuda":
         logger.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
 
@@ -101,6 +114,8 @@ META_KEY = "meta"
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name (``/proc/cpuinfo``, else ``platform``)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -119,6 +134,8 @@ def environment(device: torch.device, **extra) -> dict:
     precision and torch's thread count as they are when called (call it after the work), plus
     ``extra`` (seeds, precision).
     """
+    import torch
+
     return {
         "device": str(device),
         "device_name": device_name(device),

@@ -15,7 +15,8 @@ runs that computed the same numbers have the same hash (``hash_of: arrays``). Do
 
 ``python -m vq4dit compare-manifests A B`` names the first artifact, in DAG order, whose hash differs
 or that only one run has, with both jobs' environments, and the config keys, libraries and devices
-that differ.
+that differ. Its exit status follows ``diff`` and ``cmp``: 0 when every artifact is equal, 1 when one
+differs, 2 on bad input (a missing or malformed manifest).
 """
 
 from __future__ import annotations
@@ -227,6 +228,11 @@ def describe(entry: dict | None) -> str:
     return text
 
 
+#: exit status of ``compare-manifests`` when an artifact differs (as ``diff``; equal: 0, bad input: 2, ``__main__``)
+EXIT_DIFFERENT = 1
+NO_DIFFERENCE = "no differing artifact"
+
+
 def compare(a: dict, b: dict) -> list[str]:
     """Lines naming the first differing artifact in DAG order (or that none differs), then what else differs."""
     by_key = [{artifact_key(e, m["preset"]): e for e in m["artifacts"]} for m in (a, b)]
@@ -235,7 +241,7 @@ def compare(a: dict, b: dict) -> list[str]:
                  None)
     lines = []
     if first is None:
-        lines.append(f"no differing artifact: all {len(keys)} artifacts have equal sha256")
+        lines.append(f"{NO_DIFFERENCE}: all {len(keys)} artifacts have equal sha256")
     else:
         entry_a, entry_b = by_key[0].get(first), by_key[1].get(first)
         path = (entry_a or entry_b)["path"]
@@ -285,5 +291,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    print("\n".join(compare(read_manifest(args.a), read_manifest(args.b))))
+    """Print the comparison; exit with EXIT_DIFFERENT when an artifact differs."""
+    lines = compare(read_manifest(args.a), read_manifest(args.b))
+    print("\n".join(lines))
     sys.stdout.flush()
+    if not lines[0].startswith(NO_DIFFERENCE):
+        sys.exit(EXIT_DIFFERENT)
