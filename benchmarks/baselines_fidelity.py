@@ -11,9 +11,12 @@ proxy loss tr((W - Q) H (W - Q)^T) of
 
 and the share of codes (GPTQ) or assignments (GPTVQ) that differ. ratio: ours / published (< 1: ours lower).
 Last, VQ4DiT's initial ratios under ``ratio_init`` ``authors`` vs ``both-eps`` (k=256, d=4, 2 candidates).
+``--gptvq-parts`` adds GPTVQ's three parts (k-means, column loop, codebook update) switched one at a time
+to ours: proxy loss / the published variant's, e.g. ``kmeans=exact`` (about 4 more minutes).
 
     python benchmarks/baselines_fidelity.py                 # about a minute on 2 busy CPU cores
     python benchmarks/baselines_fidelity.py --seeds 0 1 2 --samples 8192
+    python benchmarks/baselines_fidelity.py --gptvq-parts
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from vq4dit import rtn
 from vq4dit.assignments import VQLayers, dequantize
 from vq4dit.gptq import gptq_quantize
+from vq4dit import gptvq
 from vq4dit.gptvq import gptvq_quantize, weighted_error
 
 #: (rows, columns) of the random layers: the smoke DiT's MLP out (96 x 384) and a DiT-XL/2-like 1/3-size fc1
@@ -66,6 +70,36 @@ def gptvq_row(w: torch.Tensor, h: torch.Tensor, bits: int, seed: int) -> dict:
             "ours": loss["exact"], "codes_differ_%": 100 * float(differ)}
 
 
+def gptvq_parts(w: torch.Tensor, h: torch.Tensor, k: int, d: int, seed: int, kmeans: str, loop: str,
+                update: str) -> float:
+    """Proxy loss of GPTVQ with each part (k-means, column loop, codebook update) from the named variant."""
+    weight, damped, upper = gptvq.prepare_hessian(w, h)
+    groups = weight.view(w.shape[0], -1, d)
+    if kmeans == "published":
+        codebook = gptvq.published_kmeans(groups, torch.diagonal(upper).reshape(-1, d), k, 100)
+    else:
+        codebook, _ = gptvq.weighted_kmeans(groups, torch.diagonal(upper).pow(-2).reshape(-1, d), k, 100, seed)
+    assignments = gptvq.assign_with_feedback(weight, upper, codebook, 128, loop).reshape(-1)
+    codebook = (gptvq.adam_codebook_update(w, h, codebook, assignments, 25) if update == "published"
+                else gptvq.update_codebook(weight, damped, codebook, assignments, 25))
+    return weighted_error(w, codebook.half().float()[assignments].reshape(w.shape), h)
+
+
+def parts_rows(seeds: list[int], samples: int) -> pd.DataFrame:
+    """GPTVQ with one part at a time from ``exact``: proxy loss / all-published, per layer and bits."""
+    rows = []
+    for seed in seeds:
+        for shape in SHAPES:
+            w, h = random_layer(*shape, samples, seed)
+            for bits, (k, d) in GPTVQ_SETTINGS.items():
+                published = gptvq_parts(w, h, k, d, seed, "published", "published", "published")
+                for part in ("kmeans", "loop", "update"):
+                    choice = {p: "exact" if p == part else "published" for p in ("kmeans", "loop", "update")}
+                    rows.append({"bits": bits, "part": f"{part}=exact",
+                                 "ratio": gptvq_parts(w, h, k, d, seed, **choice) / published})
+    return pd.DataFrame(rows)
+
+
 def ratio_init_difference(seed: int) -> tuple[float, float]:
     """Max and mean |ratio difference| of the initial VQ4DiT ratios, authors' vs both-eps, on the SHAPES layers."""
     torch.manual_seed(seed)
@@ -83,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--samples", type=int, default=4096, help="random inputs N per Hessian")
+    parser.add_argument("--gptvq-parts", action="store_true", help="also GPTVQ's parts one at a time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start, rows = time.perf_counter(), []
@@ -99,6 +134,10 @@ def main() -> None:
     summary = table.groupby(["method", "variant", "group", "bits"])[["ratio", "codes_differ_%"]]
     print("\nmean over seeds and shapes (ratio min-max):")
     print(summary.agg(["mean", "min", "max"]).to_string(float_format="%.3f"))
+    if args.gptvq_parts:
+        parts = parts_rows(args.seeds, args.samples).groupby(["bits", "part"])["ratio"]
+        print("\nGPTVQ, one part from exact, the rest published: proxy loss / all published (mean, min, max)")
+        print(parts.agg(["mean", "min", "max"]).to_string(float_format="%.3f"))
     for seed in args.seeds:
         print("\nVQ4DiT initial ratios, seed %d: max |authors - both-eps| %.2e, mean %.2e"
               % (seed, *ratio_init_difference(seed)))
