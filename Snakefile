@@ -1,5 +1,7 @@
 # vq4dit-bench: quantize -> sample -> features -> metrics -> tables/plots for one preset.
-# Wiring only: every rule calls `python -m vq4dit <stage>`; helpers live in workflow/rules/common.smk.
+# Wiring only: every rule calls `python -m vq4dit <stage>`; one rule file per stage in workflow/rules/,
+# helpers (no rules) in workflow/helpers/: config.smk (validation, globals), targets.smk (target lists),
+# inputs.smk (input/param functions); method names come from vq4dit.methods.REGISTRY.
 from snakemake.utils import min_version
 
 min_version("9.20")
@@ -20,7 +22,10 @@ resource_scopes:
 report: "workflow/report/workflow.rst"
 
 
-include: "workflow/rules/common.smk"
+include: "workflow/helpers/config.smk"
+include: "workflow/helpers/targets.smk"
+include: "workflow/helpers/inputs.smk"
+include: "workflow/helpers/resources.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/rehearsal.smk"
 include: "workflow/rules/quantize.smk"

@@ -27,11 +27,10 @@ import time
 import pandas as pd
 import torch
 
-from vq4dit import rtn
-from vq4dit.assignments import VQLayers, dequantize
-from vq4dit.gptq import gptq_quantize
-from vq4dit import gptvq
-from vq4dit.gptvq import gptvq_quantize, weighted_error
+from vq4dit.methods import gptvq, rtn
+from vq4dit.methods.assignments import VQLayers, dequantize
+from vq4dit.methods.gptq import gptq_quantize
+from vq4dit.methods.gptvq import gptvq_quantize, weighted_error
 
 #: (rows, columns) of the random layers: the smoke DiT's MLP out (96 x 384) and a DiT-XL/2-like 1/3-size fc1
 SHAPES = [(96, 384), (384, 384)]

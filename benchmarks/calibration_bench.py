@@ -1,7 +1,7 @@
 """Variants of VQ4DiT's calibration on the smoke model: quality per second.
 
 For a VQ setting (default 2-bit: k=256, d=4, n=2) on the trained digits DiT, each variant starts
-from the same k-means codebooks and candidates, runs :func:`vq4dit.calibration.calibrate` with the
+from the same k-means codebooks and candidates, runs :func:`vq4dit.methods.calibration.calibrate` with the
 smoke preset's calibration config (``config/smoke.yaml``) changed as the variant says, hardens the
 assignments, rounds the codebooks to fp16 (what the packed file stores) and reports calibration
 seconds, block MSE on held-out teacher trajectories and FID of generated samples against
@@ -38,8 +38,8 @@ import pandas as pd
 import torch
 import yaml
 
-from vq4dit.assignments import quantize_model_linears
-from vq4dit.calibration import CalibrationConfig, Trajectories, block_mse, calibrate, collect_calibration_inputs
+from vq4dit.methods.assignments import quantize_model_linears
+from vq4dit.methods.calibration import CalibrationConfig, Trajectories, block_mse, calibrate, collect_calibration_inputs
 from vq4dit.features import FeatureModel, extract
 from vq4dit.metrics import fid_from_features
 from vq4dit.models import block_linear_names, load_transformer

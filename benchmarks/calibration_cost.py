@@ -5,7 +5,7 @@ Random weights (speed does not depend on their values), the first ``--blocks`` b
 stage's code path with deterministic algorithms on:
 
 - k-means codebooks and candidate assignments per block (``quantize_model_linears``);
-- the driver (``vq4dit.calibration.calibrate``): ms per optimiser step, i.e. one teacher sampling step
+- the driver (``vq4dit.methods.calibration.calibrate``): ms per optimiser step, i.e. one teacher sampling step
   (forward of the guided batch of ``2 x --labels`` inputs), the student's forward and backward through
   the soft VQ weights, L_r, the switch, RMSprop and freezing;
 - the same arithmetic with dense weights: teacher forward + student forward and backward (the driver's
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from vq4dit.assignments import quantize_model_linears
-from vq4dit.calibration import CalibrationConfig, calibrate
+from vq4dit.methods.assignments import quantize_model_linears
+from vq4dit.methods.calibration import CalibrationConfig, calibrate
 from vq4dit.io import device_name, resolve_device
 from vq4dit.models import block_linear_names, build_transformer
 from vq4dit.sample import set_precision

@@ -1,4 +1,4 @@
-"""Cost of ``vq4dit.codebook.kmeans`` on one DiT-XL/2 layer, and of each of its parts, on CPU or GPU.
+"""Cost of ``vq4dit.methods.codebook.kmeans`` on one DiT-XL/2 layer, and of each of its parts, on CPU or GPU.
 
 One weight of the given shape (random, DiT-like scale) cut into d=4 sub-vectors, k=256: the whole
 k-means (``--iters`` Lloyd iterations, with and without deterministic algorithms, which the quantize
@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from vq4dit.codebook import CHUNK_ELEMENTS, _assign, _kmeans_plus_plus, _update, kmeans, subvectors
+from vq4dit.methods.codebook import CHUNK_ELEMENTS, _assign, _kmeans_plus_plus, _update, kmeans, subvectors
 from vq4dit.io import device_name, resolve_device
 
 from timing import timed

@@ -9,8 +9,8 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vq4dit import assignments
-from vq4dit.assignments import (
+from vq4dit.methods import assignments
+from vq4dit.methods.assignments import (
     VQLayers, attach, codebook_gradient, dequantize, index_dtype, init_logits, quantize_model_linears,
 )
 from vq4dit.models import block_linear_names

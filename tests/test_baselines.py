@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vq4dit import rtn
-from vq4dit.baselines import BaselineConfig, HessianHooks, choose_group_sizes, input_owner, layer_hessians
-from vq4dit.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs, held_out
-from vq4dit.gptq import gptq_quantize
+from vq4dit.methods import rtn
+from vq4dit.methods.hessians import BaselineConfig, HessianHooks, choose_group_sizes, input_owner, layer_hessians
+from vq4dit.methods.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs, held_out
+from vq4dit.methods.gptq import gptq_quantize
 from vq4dit.models import block_linear_names
 from vq4dit.packed import load_quantized_transformer, read_packed
 

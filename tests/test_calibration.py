@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from vq4dit import calibration
-from vq4dit.assignments import quantize_model_linears
-from vq4dit.calibration import (
+from vq4dit.methods import calibration
+from vq4dit.methods.assignments import quantize_model_linears
+from vq4dit.methods.calibration import (
     CalibrationConfig,
     RatioRegSwitch,
     TeacherStreams,

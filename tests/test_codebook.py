@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vq4dit.codebook import _update, clamp_k, kmeans, nearest, subvectors
+from vq4dit.methods.codebook import _update, kmeans, nearest, subvectors
+from vq4dit.size import clamp_k
 
 
 def test_subvectors_are_contiguous_row_chunks() -> None:
@@ -102,7 +103,7 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
     x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(2))
     codebook, assignments = kmeans(x, 16, iters=30)
     indices, distances = nearest(x, codebook, n=2)
-    monkeypatch.setattr("vq4dit.codebook.CHUNK_ELEMENTS", 16 * 61)
+    monkeypatch.setattr("vq4dit.methods.codebook.CHUNK_ELEMENTS", 16 * 61)
     chunked_codebook, chunked_assignments = kmeans(x, 16, iters=30)
     assert torch.equal(codebook, chunked_codebook) and torch.equal(assignments, chunked_assignments)
     chunked_indices, chunked_distances = nearest(x, codebook, n=2)
@@ -110,7 +111,7 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_kmeans_seeds_on_every_point_up_to_the_sampling_limit_and_on_a_sample_above():
-    from vq4dit.codebook import SEED_POINTS_PER_CODEWORD, _kmeans_plus_plus
+    from vq4dit.methods.codebook import SEED_POINTS_PER_CODEWORD, _kmeans_plus_plus
 
     k = 4
     small = torch.randn(SEED_POINTS_PER_CODEWORD * k, 2, generator=torch.Generator().manual_seed(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -98,12 +99,57 @@ def test_cost_table_counts_gpu_hours_of_gpu_jobs_only_and_lists_jobs_without_rat
 
 
 @pytest.mark.parametrize("target", ["review", "all"])
-def test_cost_command_prints_a_total_in_gpu_hours(target):
-    result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", target], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_cost_command_prints_a_total_in_gpu_hours_and_every_job_fits_the_slurm_profile(target):
+    result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", target, "--profile", "profiles/slurm"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     total = re.search(r"^total: ([\d.]+) GPU-hours on one NVIDIA H200", result.stdout, re.M)
     assert total and float(total.group(1)) > 0, result.stdout
     assert "| quantize DiT-XL-2-256 vq4dit-w2" in result.stdout
+    assert "safety factor 3; max_runtime 1440 min): no job exceeds its runtime" in result.stdout
+    features_512 = re.findall(r"^\| features DiT-XL-2-512, \d+ steps +\| +\d+ \|[^|]+\|[^|]+\|[^|]+\| +([\d.]+) \|",
+                              result.stdout, re.M)
+    assert target == "review" or (features_512 and max(map(float, features_512)) <= 8), result.stdout  # issue 23's bar
+
+
+def test_runtimes_are_the_predictions_times_the_safety_factor_times_attempt_capped_at_max_runtime():
+    p = pricer()
+    sample, quantize = (cost.Job("sample", {"model": "DiT-XL-2-256", "setting": "fp", "steps": "250", "shard": "0"}),
+                        cost.Job("quantize", {"model": "DiT-XL-2-256", "setting": "vq4dit-w2"}))
+    seconds = p.price(sample).seconds
+    assert cost.runtime_minutes(p, "sample", sample.wildcards) == math.ceil(seconds * 3 / 60)
+    assert cost.runtime_minutes(p, "sample", sample.wildcards, attempt=2) == math.ceil(seconds * 6 / 60)
+    p.config["runtime"] = {"safety_factor": "2", "max_runtime": "100"}  # as Snakemake's --config gives them: text
+    assert cost.runtime_minutes(p, "sample", sample.wildcards) == math.ceil(seconds * 2 / 60)
+    assert cost.runtime_minutes(p, "quantize", quantize.wildcards) == 100  # 1.6 h x 2 > 100 min
+    assert cost.runtime_minutes(p, "quantize", {"model": "DiT-XL-2-256", "setting": "fp"}) == cost.MIN_RUNTIME
+    fitting = [cost.Job("sample", sample.wildcards, gpu=1, runtime=math.ceil(seconds * 2 / 60)),
+               cost.Job("tables", {"preset": "review"}, runtime=1)]
+    assert cost.overruns(fitting, p, max_runtime=None) == []
+    too_short = cost.Job("sample", sample.wildcards, gpu=1, runtime=math.ceil(seconds * 2 / 60) - 1)
+    assert len(cost.overruns([too_short], p, max_runtime=None)) == 1
+    found = cost.overruns(fitting + [quantize], p, max_runtime=math.ceil(seconds * 2 / 60) - 1)
+    assert [line.split(" {")[0] for line in found] == ["sample", "quantize"]  # over the partition's limit
+    assert "runtime None min" in found[1]  # a job given no runtime is held to max_runtime
+
+
+def test_dry_run_runtimes_through_the_slurm_profile_are_the_cost_model_predictions_and_overruns_exit_non_zero():
+    """The sample and quantize rules' runtime resource as Snakemake submits it = predicted time x 3 (the default
+    factor), in minutes; with a partition limit (--max-runtime) below a job's need the command lists it and fails."""
+    targets = "results/paper/samples/DiT-XL-2-512/vq4dit-w2/steps250/shard3.npz"
+    jobs = cost.parse_dry_run(cost.dry_run(targets, "config/config.yaml", "Snakefile", False, "profiles/slurm"))
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    p = cost.Pricer(config, yaml.safe_load((REPO / "benchmarks/rates.yaml").read_text()), cost.settings_table(config))
+    gpu_jobs = [j for j in jobs if j.rule in ("sample", "quantize")]
+    assert sorted(j.rule for j in gpu_jobs) == ["quantize", "sample"]
+    for job in gpu_jobs:
+        assert job.runtime == math.ceil(p.price(job).seconds * 3.0 / 60), job
+    result = subprocess.run([sys.executable, "-m", "vq4dit", "cost", targets, "--profile", "profiles/slurm",
+                             "--max-runtime", "600"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "max_runtime 600 min): 1 job(s) exceed their runtime" in result.stdout  # quantize (21 h), not the shard (9 h)
+    assert re.search(r"^  quantize \{.*'setting': 'vq4dit-w2'\}: needs \d+ min", result.stdout, re.M), result.stdout
+    assert "1 job(s) exceed their runtime or max_runtime through profiles/slurm" in result.stderr
 
 
 def test_cost_of_a_target_of_another_preset_names_it():

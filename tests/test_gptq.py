@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vq4dit import rtn
-from vq4dit.gptq import gptq_quantize, output_error
+from vq4dit.methods import rtn
+from vq4dit.methods.gptq import gptq_quantize, output_error
 
 
 def spd_hessian(columns: int, seed: int, dead: tuple[int, ...] = ()) -> torch.Tensor:

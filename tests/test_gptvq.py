@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from vq4dit import packed as packed_io
-from vq4dit.assignments import dequantize
-from vq4dit.codebook import kmeans
-from vq4dit.gptvq import adam_codebook_update, assign_with_feedback, gptvq_quantize, update_codebook
+from vq4dit.methods.assignments import dequantize
+from vq4dit.methods.codebook import kmeans
+from vq4dit.methods.gptvq import adam_codebook_update, assign_with_feedback, gptvq_quantize, update_codebook
 
 
 def _hessian(n_in: int, seed: int, samples: int = 256) -> torch.Tensor:
@@ -172,7 +172,7 @@ def test_codebook_update_never_increases_the_output_error(iters: int) -> None:
 
 
 def test_prepared_hessian_factor_and_dead_columns() -> None:
-    from vq4dit.gptvq import prepare_hessian
+    from vq4dit.methods.gptvq import prepare_hessian
 
     hessian = _hessian(12, 4).double()
     hessian[5, :] = 0.0

@@ -7,12 +7,12 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors import safe_open
 
-from vq4dit.calibration import CalibrationConfig
+from vq4dit.methods import REGISTRY
+from vq4dit.methods.calibration import CalibrationConfig
 from vq4dit.models import block_linear_names, tie_embedders, untie_embedders
 from vq4dit.packed import (
     load_quantized_transformer, nonblock_bytes, pack_bits, read_packed, save_packed, unpack_bits,
 )
-from vq4dit.quantize import FORMATS, METHODS
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
@@ -60,8 +60,9 @@ def quantized_file(model, setting, path):
     work = DiTTransformer2DModel.from_config(model.config)
     work.load_state_dict(model.state_dict())
     cfg = CalibrationConfig.from_dict({"kmeans_iters": 2})
-    packed, info = METHODS[setting["method"]](work, names, setting, cfg, "cpu", model)
-    save_packed(model.state_dict(), packed, FORMATS.get(setting["method"], "fp"), setting, path)
+    spec = REGISTRY[setting["method"]]
+    packed, info = spec.quantizer()(work, names, setting, cfg, "cpu", model)
+    save_packed(model.state_dict(), packed, spec.format, setting, path)
     return info, names
 
 
@@ -97,7 +98,7 @@ def test_embedders_are_stored_once_and_retied_on_load(shared_dit, tmp_path):
 
 
 def test_rtn_codes_unpack_to_the_codes_quantize_wrote(shared_dit, tmp_path):
-    from vq4dit import rtn
+    from vq4dit.methods import rtn
 
     path = tmp_path / "packed.safetensors"
     quantized_file(shared_dit, {"id": "rtn-w3", "method": "rtn", "bits": 3}, path)

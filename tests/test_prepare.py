@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vq4dit.models import load_transformer, save_converted, use_original_timestep_embedding
-from vq4dit.prepare import HybridLoss, convert_dit, digits_uint8, download, sha256sum
+from vq4dit.io import file_sha256
+from vq4dit.prepare import HybridLoss, convert_dit, digits_uint8, download
 
 
 def original_layout(model) -> dict[str, torch.Tensor]:
@@ -39,7 +40,7 @@ def test_original_checkpoint_converts_to_the_same_model(tiny_dit, tmp_path):
         block.norm1.emb.load_state_dict(tiny_dit.transformer_blocks[0].norm1.emb.state_dict())
     path = tmp_path / "DiT-tiny.pt"
     torch.save(original_layout(tiny_dit), path)
-    converted = convert_dit(path, "DiT-digits", image_size=64, sha256=sha256sum(path))
+    converted = convert_dit(path, "DiT-digits", image_size=64, sha256=file_sha256(path))
     use_original_timestep_embedding(tiny_dit)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 4, 10])
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_wrong_size_fails_before_hashing(tmp_path, monkeypatch):
 
     path = tmp_path / "ref.npz"
     path.write_bytes(b"x" * 10)
-    monkeypatch.setattr(prepare, "sha256sum", lambda p: pytest.fail("hashed a file of the wrong size"))
+    monkeypatch.setattr(prepare, "file_sha256", lambda p: pytest.fail("hashed a file of the wrong size"))
     with pytest.raises(ValueError, match=r"ref.npz: 10 bytes, expected 11"):
         prepare.verify(path, "0" * 64, size=11)
     with pytest.raises(FileNotFoundError, match="absent.npz: file not found"):

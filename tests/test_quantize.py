@@ -1,3 +1,4 @@
+import hashlib
 import json
 import re
 import signal
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vq4dit import rtn
+from vq4dit.methods import rtn
 from vq4dit.models import block_linear_names
 from vq4dit.packed import load_quantized_transformer, read_packed, unpack_bits
 
@@ -52,6 +53,7 @@ def test_fp_setting_reloads_the_same_model(tiny_dit, tiny_dit_dir, tmp_path):
     for name, tensor in tiny_dit.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     assert info["size"]["bits_per_weight"] == 32 and info["file_mb"] > 0
+    assert info["packed_sha256"] == hashlib.sha256(packed.read_bytes()).hexdigest()  # what the sample jobs check
 
 
 def test_rtn_setting_packs_and_dequantizes_every_block_linear(tiny_dit, tiny_dit_dir, tmp_path):

@@ -6,9 +6,9 @@ which reconstructs 0; a stored fp16 step must not underflow to 0 (NaN zero point
 import pytest
 import torch
 
-from vq4dit import rtn
-from vq4dit.baselines import BaselineConfig
-from vq4dit.gptq import gptq_quantize
+from vq4dit.methods import rtn
+from vq4dit.methods.gptq import gptq_quantize
+from vq4dit.methods.hessians import BaselineConfig
 
 
 def degenerate_weight(columns: int = 128) -> torch.Tensor:

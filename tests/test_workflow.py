@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("Snakefile", "workflow", "config", "profiles", "envs")
+COPIED = ("Snakefile", "workflow", "config", "profiles", "envs", "benchmarks")  # benchmarks: rates.yaml (runtimes)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> tuple[int, str]:
@@ -164,6 +164,20 @@ def test_unknown_threads_key_is_named(workdir):
     config = write_config(workdir, "bad-threads.yaml", threads={"sample": 4})
     code, output = snakemake(workdir, "-n", "--configfile", config, check=False)
     assert code != 0 and "sample" in output and "threads" in output
+
+
+def test_second_run_in_a_locked_folder_is_refused(workdir):
+    """A run holding the folder (its output locks, as Snakemake's file persistence writes them) refuses a
+    second run that would write the same files; ``--unlock`` clears a lock no live run holds."""
+    target = "results/smoke/reference/digits.npz"
+    locks = workdir / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.output.lock").write_text(target + "\n")
+    code, output = snakemake(workdir, target, "--cores", "1", "--configfile", "config/smoke.yaml", check=False)
+    assert code != 0 and "LockException" in output and "Directory cannot be locked" in output
+    assert "--unlock" in output and not (workdir / target).exists()
+    snakemake(workdir, target, "--unlock", "--configfile", "config/smoke.yaml")
+    assert not (locks / "0.output.lock").exists()
 
 
 @pytest.mark.e2e

@@ -14,11 +14,20 @@ total, never guessed.
     python -m vq4dit cost all                    # config/config.yaml
     python -m vq4dit cost smoke                  # config/smoke.yaml
     python -m vq4dit cost table_256 --configfile config/rehearsal.yaml
+
+Time limits: the GPU rules' ``runtime`` resource is :func:`runtime_minutes` (workflow/helpers/resources.smk),
+the same prices × config key ``runtime.safety_factor`` × attempt, capped at ``runtime.max_runtime``. With
+``--profile profiles/slurm`` the dry run goes through the profile and every job whose time does not fit its
+runtime or the partition's limit (``--max-runtime``, else the profile's or the config's ``runtime.max_runtime``)
+is listed, and the command exits 1:
+
+    python -m vq4dit cost all --profile profiles/slurm [--max-runtime 1440]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -28,12 +37,21 @@ import pandas as pd
 import yaml
 
 from vq4dit import size
+from vq4dit.methods import REGISTRY
 
 #: the preset a named target needs when no --configfile is given
 DEFAULT_CONFIGS = {"smoke": "config/smoke.yaml", "review": "config/review.yaml"}
 DEFAULT_CONFIG = "config/config.yaml"
 #: bytes per image of the features stage's .npz (pool 2048 + spatial 2023 + logits 1008, float32)
 FEATURE_BYTES = (2048 + 2023 + 1008) * 4
+#: bytes of an .npz read at once by the features stage (features.CHUNK_BYTES; not imported: it needs torch)
+READ_CHUNK_BYTES = 64 * 2**20
+#: config key runtime.safety_factor's default (workflow/schemas/config.schema.yaml): an A100 in TF32
+SAFETY_FACTOR = 3.0
+#: minutes a job gets when the rates do not price it and no runtime.max_runtime is set
+UNPRICED_RUNTIME = 24 * 60
+#: the least runtime a job gets, minutes: a node's start-up (environment, a cold shared file system) is not in the rates
+MIN_RUNTIME = 10
 GB = 1e9
 MIB = 2**20
 
@@ -43,6 +61,7 @@ class Job:
     rule: str
     wildcards: dict[str, str] = field(default_factory=dict)
     gpu: int = 0
+    runtime: int | None = None  # minutes, as the dry run gives it
 
 
 def parse_dry_run(text: str) -> list[Job]:
@@ -57,16 +76,21 @@ def parse_dry_run(text: str) -> list[Job]:
             job.wildcards = dict(item.split("=", 1) for item in wildcards.group(1).split(", ") if "=" in item)
         if gpu := re.search(r"^\s+resources: .*\bgpu=(\d+)", block, re.M):
             job.gpu = int(gpu.group(1))
+        if runtime := re.search(r"^\s+resources: .*\bruntime=(\d+)", block, re.M):
+            job.runtime = int(runtime.group(1))
         jobs.append(job)
     if not jobs:
         raise ValueError("the dry run lists no jobs (expected 'rule NAME:' blocks of `snakemake -n`)")
     return jobs
 
 
-def dry_run(target: str, configfile: str, snakefile: str, remaining: bool) -> str:
-    command = ["snakemake", "-n", target, "--configfile", configfile, "--snakefile", snakefile]
+def dry_run(target: str, configfile: str, snakefile: str, remaining: bool, profile: str | None = None) -> str:
+    command = ["snakemake", "-n", target, "--snakefile", snakefile]
     if not remaining:
         command.append("--forceall")
+    if profile:
+        command += ["--workflow-profile", profile]
+    command += ["--configfile", configfile]  # last: it takes several values
     result = subprocess.run(command, capture_output=True, text=True)
     output = result.stdout + result.stderr
     if result.returncode != 0:
@@ -123,6 +147,8 @@ class Pricer:
             return Price(0.0, None, 0.0, "target")
         if self.name != "h200":
             return self.measured(job)
+        if job.wildcards.get("model") in self.config["models"] and "arch" not in self.model(job):
+            return Price(None, basis="the GPU rates price DiT models (models.<model>.arch) only")  # e.g. smoke on cuda
         model = getattr(self, f"_{job.rule}", None)
         if model is None:
             fallback = self.rates.get("rehearsal-cpu", {}).get("rules", {}).get(job.rule)
@@ -157,7 +183,7 @@ class Pricer:
         return self.config["models"][job.wildcards["model"]]
 
     def downloads(self) -> dict[str, dict]:
-        """resources path -> file spec, as workflow/rules/common.smk's downloads()."""
+        """resources path -> file spec, as workflow/helpers/config.smk's downloads()."""
         files = {f"checkpoints/{m}.pt": s["checkpoint"] for m, s in self.config["models"].items() if "checkpoint" in s}
         files.update({f"reference/{n}.npz": s for n, s in self.config.get("references", {}).items()})
         files.update({f"vae/{n}": s for n, s in self.config.get("vae", {}).get("files", {}).items()})
@@ -187,20 +213,21 @@ class Pricer:
         shapes = size.dit_block_linear_shapes(model["arch"])
         gb = self.profile["host_memory_gb"]["quantize_by_method"].get(method)
         seconds, nonblock = self.value("quantize_fixed_s"), self.value("nonblock_mib") * MIB
+        spec = REGISTRY.get(method)
         if method == "fp":
             return Price(seconds, gb, size.fp_size(shapes)["total_mb"] * MIB + nonblock, "fixed part")
         if method == "rtn":
             disk = size.scalar_size(shapes, int(setting["bits"]))["total_mb"] * MIB + nonblock
             return Price(seconds + self.value("rtn_s"), gb, disk, "fixed + RTN")
-        if method in ("repq-vit", "gptq", "qdit", "gptvq"):
+        if spec is not None and (spec.hessians or method == "repq-vit"):
             return self._baseline(setting, model, shapes, seconds, gb, nonblock)
-        if method not in ("vq-kmeans", "vq-codebook", "vq4dit"):
+        if spec is None or spec.format != "vq":
             return Price(None, gb, 0.0, f"no rate for method {method!r}")
         k, d = int(setting["k"]), int(setting["d"])
         calib = {"kmeans_iters": 100, "outer_iterations": 1000, "steps": 50, **self.config.get("calibration", {})}
         seconds += self.kmeans_seconds(shapes, k, d, calib["kmeans_iters"])
         basis = "fixed + k-means (derived)"
-        if method != "vq-kmeans":
+        if spec.calibrated:
             factor = self.value("calibration", "resolution_factor_512") if model["image_size"] >= 512 else 1.0
             steps = calib["outer_iterations"] * calib["steps"]  # whole-model steps, each incl. its teacher forward
             seconds += factor * steps * self.value("calibration", "ms_per_step") / 1000
@@ -257,15 +284,23 @@ class Pricer:
 
     def _features(self, job):
         n, res = self.config["sampling"]["n_samples"], self.model(job)["image_size"]
-        seconds = self.startup() + n / self.value("inception_images_per_s")
-        return Price(seconds, self.memory("features") + n * res * res * 3 / GB, n * FEATURE_BYTES, "Inception images/s")
+        return self.feature_pass(n, res)
 
     def _reference_features(self, job):
         n = self.value("reference_images")
         res = max((m.get("image_size", 256) for m in self.config["models"].values()
                    if m.get("reference") == job.wildcards.get("reference")), default=256)
-        seconds = self.startup() + n / self.value("inception_images_per_s")
-        return Price(seconds, self.memory("features") + n * res * res * 3 / GB, n * FEATURE_BYTES, "Inception images/s")
+        return self.feature_pass(n, res)
+
+    def feature_pass(self, n: int, res: int) -> Price:
+        """Inception over n images streamed from their files (features.ImageStream): memory is the measured job's
+        (its images a few hundred, held whole) + the n images' features + one read chunk + one batch of images,
+        uint8 as read and float32 at Inception's 299 px."""
+        batch = self.config["metrics"]["batch_size"]
+        streamed = READ_CHUNK_BYTES + batch * (res * res * 3 + 299 * 299 * 3 * 4)
+        gb = self.memory("features") + (n * FEATURE_BYTES + streamed) / GB
+        return Price(self.startup() + n / self.value("inception_images_per_s"), gb, n * FEATURE_BYTES,
+                     "Inception images/s")
 
     def _metrics(self, job):
         n = self.config["sampling"]["n_samples"]
@@ -293,6 +328,55 @@ class Pricer:
 
     def hashing_seconds(self, disk_bytes: float) -> float:
         return disk_bytes / MIB / self.value("sha256_mib_per_s")
+
+
+def runtime_settings(config: dict) -> tuple[float, int | None]:
+    """(safety factor, max_runtime in minutes or None) of config key ``runtime``."""
+    runtime = config.get("runtime") or {}  # numbers, or their text where they came from Snakemake's --config
+    limit = runtime.get("max_runtime")
+    return float(runtime.get("safety_factor", SAFETY_FACTOR)), int(limit) if limit else None
+
+
+def runtime_minutes(pricer: Pricer, rule: str, wildcards: dict[str, str], attempt: int = 1) -> int:
+    """A GPU job's ``runtime`` resource: its predicted time × the safety factor × attempt (at least MIN_RUNTIME),
+    at most max_runtime.
+
+    A job the rates do not price gets max_runtime (else UNPRICED_RUNTIME); ``cost --profile`` lists it. A sample
+    shard must fit one attempt: its runtime is its own predicted time (× factor), so a shard that does not fit
+    max_runtime is listed by ``cost --profile`` and wants a smaller ``sampling.shard_size`` — resuming a killed
+    shard saves the work of a slow node or a preemption, it is not counted on to finish a shard.
+    """
+    factor, limit = runtime_settings(pricer.config)
+    seconds = pricer.price(Job(rule, dict(wildcards))).seconds
+    if seconds is None:
+        return limit or UNPRICED_RUNTIME
+    minutes = max(MIN_RUNTIME, math.ceil(seconds * factor * attempt / 60))
+    return min(minutes, limit) if limit else minutes
+
+
+def runtime_pricer(config: dict, rates: str) -> Pricer:
+    """The pricer of a workflow's config, for its rules' ``runtime`` resources (workflow/helpers/resources.smk)."""
+    return Pricer(config, read_yaml(rates), settings_table(config))
+
+
+def overruns(jobs: list[Job], pricer: Pricer, max_runtime: int | None) -> list[str]:
+    """Jobs whose predicted time exceeds their runtime (attempt 1, as the dry run gives it) or max_runtime (minutes).
+
+    A GPU job's time is its predicted time × the safety factor (the slower GPU the factor covers); a CPU job's
+    its predicted time.
+    """
+    factor, _ = runtime_settings(pricer.config)
+    found = []
+    for job in jobs:
+        seconds = pricer.price(job).seconds
+        limits = [m for m in (job.runtime, max_runtime) if m]
+        if seconds is None or not limits or job.rule in TARGET_RULES:
+            continue
+        needed = seconds * (factor if job.gpu else 1.0) / 60
+        if needed > min(limits):
+            found.append(f"{job.rule} {job.wildcards}: needs {needed:.0f} min ({seconds:.0f} s predicted"
+                         + (f" × {factor:g}" if job.gpu else "") + f"); runtime {job.runtime} min, max_runtime {max_runtime} min")
+    return found
 
 
 #: rules that only name outputs
@@ -377,6 +461,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remaining", action="store_true", help="only the jobs still to run (default: from scratch)")
     parser.add_argument("--rate", action="append", default=[], metavar="KEY=VALUE",
                         help="replace one rate of the GPU profile, e.g. calibration.ms_per_step=100 (said in the output)")
+    parser.add_argument("--profile", help="a Snakemake workflow profile (e.g. profiles/slurm): list every job whose "
+                        "predicted time exceeds its runtime or max_runtime, exit non-zero if there is one")
+    parser.add_argument("--max-runtime", type=int, metavar="MINUTES",
+                        help="the partition's time limit (default: the profile's, else the config's runtime.max_runtime)")
 
 
 def overrides(items: list[str]) -> dict[str, float]:
@@ -397,6 +485,24 @@ def run(args: argparse.Namespace) -> None:
     if not pricer.name:
         raise ValueError(f"{args.rates}: no rate profile for preset {config['preset']!r} on device {config.get('device')!r} "
                          f"(profiles: {rates['profiles']})")
-    jobs = parse_dry_run(dry_run(args.target, configfile, args.snakefile, args.remaining))
+    jobs = parse_dry_run(dry_run(args.target, configfile, args.snakefile, args.remaining, args.profile))
     per_rule, unpriced = cost_table(jobs, pricer)
     print(report(args.target, configfile, per_rule, unpriced, pricer))
+    if args.profile:
+        check_runtimes(jobs, pricer, args.profile, args.max_runtime)
+
+
+def check_runtimes(jobs: list[Job], pricer: Pricer, profile: str, max_runtime: int | None) -> None:
+    """Print the runtime check of a profile's jobs; ValueError if a job exceeds its runtime or max_runtime."""
+    profile_runtime = (read_yaml(str(Path(profile) / "profile.yaml")).get("config") or {}).get("runtime") or {}
+    pricer.config = {**pricer.config, "runtime": {**(pricer.config.get("runtime") or {}), **profile_runtime}}
+    factor, configured = runtime_settings(pricer.config)
+    max_runtime = max_runtime or configured
+    found = overruns(jobs, pricer, max_runtime)
+    print(f"\nruntime check ({profile}; GPU jobs: predicted × safety factor {factor:g}; max_runtime "
+          f"{f'{max_runtime} min' if max_runtime else 'not set'}): "
+          + (f"{len(found)} job(s) exceed their runtime" if found else "no job exceeds its runtime"))
+    for line in found:
+        print(f"  {line}")
+    if found:
+        raise ValueError(f"{len(found)} job(s) exceed their runtime or max_runtime through {profile} (listed above)")

@@ -17,7 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -29,8 +35,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.utils import create_feature_extractor
 
 from vq4dit.io import (
-    META_KEY, atomic_savez, environment, load_npz, log_peak_gpu_memory, meta_array, progress, read_meta,
-    resolve_device,
+    META_KEY, atomic_savez, environment, halved_batch_size, log_peak_gpu_memory, meta_array, progress, read_meta,
+    resolve_device, verify_npz,
 )
 
 log = logging.getLogger(__name__)
@@ -154,29 +160,122 @@ def save_random_weights(extractor: str, path: Path) -> Path:
     return path
 
 
+#: bytes of an .npz member read at once by :class:`ImageStream` (a few hundred images at 256 px)
+CHUNK_BYTES = 64 * 2**20
+FEATURE_KEYS = ("pool", "spatial", "logits")
+
+
+class ImageStream:
+    """Consecutive uint8 NHWC images of .npz files (``arr_0``) or arrays, handed out ``take(n)`` at a time.
+
+    Memory holds one chunk and one batch, not the set: numpy reads an .npz member only whole, so the
+    member's rows are read here from the zip stream after numpy's own header reader.
+    """
+
+    def __init__(self, sources: list[str | Path | np.ndarray]):
+        self.length = sum(len(s) if isinstance(s, np.ndarray) else npz_images_shape(s)[0] for s in sources)
+        self._chunks = chain.from_iterable(map(_chunks, sources))
+        self._pending: list[np.ndarray] = []  # a stack: the next images are at its end
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` images (fewer at the end), across file boundaries."""
+        parts = []
+        while count > 0 and (part := self._pending.pop() if self._pending else next(self._chunks, None)) is not None:
+            if len(part) > count:
+                part, rest = part[:count], part[count:]
+                self._pending.append(rest)
+            parts.append(part)
+            count -= len(part)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def put_back(self, images: np.ndarray) -> None:
+        """Hand ``images`` out again first (a batch that did not fit the device)."""
+        self._pending.append(images)
+
+
+@contextmanager
+def _npz_images(path: str | Path) -> Iterator[tuple[IO[bytes], tuple[int, ...]]]:
+    """The open ``arr_0.npy`` member of an .npz, past its header, and its shape (checked: uint8 NHWC)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path}: not an .npz file ({err})") from None
+    with archive:
+        if "arr_0.npy" not in archive.namelist():
+            found = [name.removesuffix(".npy") for name in archive.namelist()]
+            raise ValueError(f"{path}: missing key(s) ['arr_0']; found {found}")
+        with archive.open("arr_0.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f"{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0")
+            shape, fortran_order, dtype = read_header[version](member)
+            if dtype != np.uint8 or len(shape) != 4 or fortran_order:
+                order = " in Fortran order" if fortran_order else ""
+                raise ValueError(f"{path}: expected uint8 NHWC images in arr_0, got {dtype} {shape}{order}")
+            yield member, shape
+
+
+def npz_images_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of an .npz's ``arr_0`` images, from its header."""
+    with _npz_images(path) as (_, shape):
+        return shape
+
+
+def _chunks(source: str | Path | np.ndarray) -> Iterator[np.ndarray]:
+    """An array whole, or an .npz's images in chunks of about CHUNK_BYTES."""
+    if isinstance(source, np.ndarray):
+        yield source
+        return
+    with _npz_images(source) as (member, shape):
+        rows = max(1, CHUNK_BYTES // math.prod(shape[1:]))
+        for begin in range(0, shape[0], rows):
+            chunk = np.empty((min(rows, shape[0] - begin), *shape[1:]), np.uint8)
+            if member.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise ValueError(f"{source}: arr_0 ends before its {shape[0]} images (truncated file)")
+            yield chunk
+
+
 @torch.inference_mode()
-def extract(images: np.ndarray, model: FeatureModel, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """Features of uint8 NHWC images, batched."""
-    parts: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
+def extract(images: np.ndarray | ImageStream, model: FeatureModel, batch_size: int,
+            device: torch.device | str) -> dict[str, np.ndarray]:
+    """Features of uint8 NHWC images, batched. A batch that runs out of device memory is run again at half
+    the size, and so is the rest of the set."""
+    stream = images if isinstance(images, ImageStream) else ImageStream([images])
+    device = torch.device(device)
+    features: dict[str, np.ndarray] = {}
+    done = 0
     model.to(device)
-    for begin in progress(range(0, len(images), batch_size), desc="features", unit="batch"):
-        batch = torch.from_numpy(images[begin:begin + batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
-        for key, value in zip(parts, model(batch)):
-            parts[key].append(value.float().cpu().numpy())
-    return {key: np.concatenate(value) for key, value in parts.items()}
+    with progress(total=len(stream), desc="features", unit="image") as bar:
+        while done < len(stream):
+            batch = stream.take(batch_size)
+            try:
+                outputs = model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device))
+            except torch.OutOfMemoryError:
+                batch_size = halved_batch_size(batch_size, device, log)
+                stream.put_back(batch)
+                continue
+            for key, value in zip(FEATURE_KEYS, outputs):
+                value = value.float().cpu().numpy()
+                features.setdefault(key, np.empty((len(stream), *value.shape[1:]), np.float32))[done:done + len(batch)] = value
+            done += len(batch)
+            bar.update(len(batch))
+    return features
 
 
-def read_images(paths: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Concatenate ``arr_0`` of the given .npz files; also return any precomputed reference statistics."""
-    images, stats = [], {}
+def reference_statistics(paths: list[str]) -> dict[str, np.ndarray]:
+    """The precomputed statistics of ADM's reference batches found in the given .npz files."""
+    stats = {}
     for path in paths:
-        images.append(load_npz(path, ("arr_0",))["arr_0"])
         with np.load(path) as data:
             stats.update({k: data[k] for k in REFERENCE_STATISTICS if k in data.files})
-    images = np.concatenate(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{paths[0]}: expected uint8 NHWC images in arr_0, got {images.dtype} {images.shape}")
-    return images, stats
+    return stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,16 +285,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--made-by", default="features", help="the rule of this job, named by the output's checksum record")
 
 
 def run(args: argparse.Namespace) -> None:
-    images, stats = read_images(args.inputs)
+    for path in args.inputs:
+        verify_npz(path)
+    images, stats = ImageStream(args.inputs), reference_statistics(args.inputs)
+    if not len(images):
+        raise ValueError(f"{args.inputs[0]}: no images in arr_0 of the {len(args.inputs)} input file(s)")
     model = FeatureModel(args.extractor, args.weights)
     log.info("extracting %s features of %d images from %d file(s)", args.extractor, len(images), len(args.inputs))
     device = resolve_device(args.device)
     features = extract(images, model, args.batch_size, device)
     meta = {**environment(device), "inputs": input_environments(args.inputs)}  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), **features, **stats, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), args.made_by, **features, **stats, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, {k: v.shape for k, v in features.items()})
     log_peak_gpu_memory(log, device)
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +30,7 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
 
 #: open lock files of the GPUs this process holds (released when the process exits)
 _GPU_LOCKS: dict[int, object] = {}
@@ -68,19 +75,122 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
-def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz so that an interrupted job never leaves a complete-looking file."""
+@contextmanager
+def atomic_output(path: Path, write_errors: tuple[type[Exception], ...] = ()) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed to ``path`` when the block succeeds and removed otherwise.
+
+    A failed write (disk full, quota, I/O error) raises OSError naming ``path`` and the space left
+    there; no partial file ever carries its name, and a previous complete file of that name stays as
+    it was. ``write_errors``: what the block's writer raises instead of OSError (torch.save: RuntimeError).
+    """
+    path = Path(path)
     tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, *write_errors) as err:
+        reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+        free = shutil.disk_usage(path.parent).free / 2**20
+        message = f"{path}: cannot write it ({reason}; {free:.1f} MiB free there); no partial file was kept"
+        raise (OSError(err.errno, message) if getattr(err, "errno", None) else OSError(message)) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+#: key of the checksum record (:func:`atomic_savez`) in the .npz files the pipeline writes
+CHECKSUM_KEY = "sha256"
+#: bytes read at a time when hashing a file
+CHUNK = 1 << 22
+
+
+def _sha256(stream) -> str:
+    digest = hashlib.sha256()
+    while block := stream.read(CHUNK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def npz_member_sha256(path: str | Path) -> dict[str, str]:
+    """sha256 of every stored array (its whole .npy member) of an .npz but the checksum record, streamed.
+
+    Reading a member to its end also checks the zip's CRC-32 (``zipfile.BadZipFile`` on a mismatch).
+    """
+    digests = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.removesuffix(".npy") != CHECKSUM_KEY:
+                with archive.open(name) as member:
+                    digests[name.removesuffix(".npy")] = _sha256(member)
+    return digests
+
+
+def atomic_savez(path: Path, made_by: str | None = None, **arrays: np.ndarray) -> None:
+    """Write an .npz so that an interrupted or failed job never leaves a complete-looking file.
+
+    The file carries a checksum record (key :data:`CHECKSUM_KEY`): the sha256 of each array as
+    stored and ``made_by``, the rule that writes it, which :func:`verify_npz` checks and names.
+    """
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        record = {"rule": made_by, "members": npz_member_sha256(tmp)}
+        with zipfile.ZipFile(tmp, "a") as archive, archive.open(f"{CHECKSUM_KEY}.npy", "w") as f:
+            np.lib.format.write_array(f, np.array(json.dumps(record, sort_keys=True)), allow_pickle=False)
+
+
+def corrupt(path: str | Path, what: str, made_by: str | None) -> ValueError:
+    """The one-line error of a file that fails its check: what failed and the rule to rerun."""
+    rule = f"the rule '{made_by}'" if made_by else "the rule"
+    return ValueError(f"{path}: {what}: the file is corrupt; delete it and rerun {rule} that makes it")
+
+
+def verify_file(path: str | Path, expected: str | None, made_by: str) -> None:
+    """ValueError (:func:`corrupt`) unless the file's sha256 is ``expected``; None: nothing recorded, not checked."""
+    if not expected:
+        log.warning("%s: no sha256 recorded by the rule '%s'; not checked", path, made_by)
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise corrupt(path, f"sha256 mismatch (expected {expected}, got {actual})", made_by)
+
+
+def verify_npz(path: str | Path) -> None:
+    """Check an .npz against its checksum record (:func:`atomic_savez`) before it is used.
+
+    ValueError (:func:`corrupt`) naming the file and the rule recorded as its maker when an array's
+    sha256 or the zip's CRC differs; a file without a record (a download, checked by its own rule)
+    is logged and passed.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    made_by = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if f"{CHECKSUM_KEY}.npy" not in archive.namelist():
+                log.warning("%s: no checksum record; not checked", path)
+                return
+            with archive.open(f"{CHECKSUM_KEY}.npy") as member:
+                record = json.loads(str(np.lib.format.read_array(member, allow_pickle=False)))
+        made_by, expected = record["rule"], record["members"]
+        actual = npz_member_sha256(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, TypeError) as err:
+        raise corrupt(path, f"unreadable ({' '.join(str(err).split())})", made_by) from err
+    for name in sorted(set(expected) | set(actual)):
+        if expected.get(name) != actual.get(name):
+            raise corrupt(path, f"sha256 mismatch of '{name}' (expected {expected.get(name)}, got {actual.get(name)})",
+                          made_by)
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -106,6 +216,18 @@ def log_peak_gpu_memory(logger, device: torch.device) -> None:
 
     if device.type == "cuda":
         logger.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+
+
+def halved_batch_size(batch_size: int, device: torch.device, logger) -> int:
+    """Half ``batch_size`` after an out-of-memory error (re-raised at 1), the device's cache emptied, said in the log."""
+    if batch_size == 1:
+        raise
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    logger.warning("out of %s memory at batch size %d: going on at %d", device.type, batch_size, batch_size // 2)
+    return batch_size // 2
 
 
 #: key of the job's environment (:func:`environment`) in the .npz files the sample and features stages write

@@ -9,9 +9,10 @@ distinct device names and the distinct numerics flags (TF32, deterministic kerne
 
 What ``sha256`` hashes: the file's bytes, except for the .npz files the pipeline writes (samples,
 features, the digits reference), whose zip headers carry the time they were written (``np.savez``):
-for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta``, so two
-runs that computed the same numbers have the same hash (``hash_of: arrays``). Downloaded files
-(``resources/…``) are hashed as files, the value their ``sha256`` in the config pins.
+for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta`` and the
+checksum record (:func:`vq4dit.io.atomic_savez`), so two runs that computed the same numbers have
+the same hash (``hash_of: arrays``). Downloaded files (``resources/…``) are hashed as files, the
+value their ``sha256`` in the config pins.
 
 ``python -m vq4dit compare-manifests A B`` names the first artifact, in DAG order, whose hash differs
 or that only one run has, with both jobs' environments, and the config keys, libraries and devices
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vq4dit.io import META_KEY, atomic_write_json, read_meta
+from vq4dit.io import CHECKSUM_KEY, META_KEY, atomic_write_json, file_sha256, read_meta
 from vq4dit.tables import read_json
 
 log = logging.getLogger(__name__)
@@ -48,22 +49,14 @@ LIBRARIES = ("torch", "numpy", "scipy", "pandas", "diffusers", "safetensors", "t
 INFO_KEYS = ("quantize_seconds", "calibration_seconds", "optimizer_steps", "device", "precision", "block_mse")
 #: numerics flags summarised per stage
 NUMERICS = ("tf32_matmul", "tf32_cudnn", "float32_matmul_precision", "deterministic", "precision", "threads")
-CHUNK = 1 << 22
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def arrays_sha256(path: Path) -> str:
-    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` left out."""
+    """sha256 of an .npz's arrays (name, dtype, shape, C-order bytes; names sorted), ``meta`` and the
+    checksum record left out."""
     digest = hashlib.sha256()
     with np.load(path, allow_pickle=False) as data:
-        for name in sorted(n for n in data.files if n != META_KEY):
+        for name in sorted(n for n in data.files if n not in (META_KEY, CHECKSUM_KEY)):
             array = np.ascontiguousarray(data[name])
             digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
             digest.update(array.tobytes())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import linalg, special
 
-from vq4dit.io import atomic_write_json, log_peak_gpu_memory, resolve_device
+from vq4dit.io import atomic_write_json, log_peak_gpu_memory, resolve_device, verify_npz
 
 logger = logging.getLogger(__name__)
 
@@ -407,6 +407,8 @@ def compute_metrics(
 def run(args: argparse.Namespace) -> None:
     """Compute the metrics of ``--features`` against ``--reference`` and write ``--output``."""
     logger.info("metrics of %s against %s", args.features, args.reference)
+    verify_npz(args.features)
+    verify_npz(args.reference)
     device = resolve_device(args.device)
     with FeatureFile(args.features) as samples, FeatureFile(args.reference) as reference:
         metrics = compute_metrics(samples, reference, args.split_size, args.k, device, args.sample_counts)

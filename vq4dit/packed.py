@@ -23,10 +23,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vq4dit import assignments, rtn
+from vq4dit.io import atomic_output
+from vq4dit.methods import assignments, rtn
 from vq4dit.models import load_transformer, tie_embedders
 
 Packed = dict[str, dict[str, torch.Tensor]]
@@ -123,10 +124,8 @@ def save_packed(fp_state: dict[str, torch.Tensor], packed: Packed, fmt: str, set
         state.update({f"{name}.{k}": t for k, t in tensors.items()})
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"setting": json.dumps(setting), "layers": json.dumps(layers), "tied": json.dumps(tied)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_output(path, (SafetensorError,)) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def unpack_layer(tensors: dict[str, torch.Tensor], layer: dict) -> torch.Tensor:

@@ -78,7 +78,7 @@ def tradeoff(table: pd.DataFrame, paper: pd.DataFrame | None = None, resolution:
     return fig
 
 
-#: colorblind-palette index per method (the rest take the remaining colours in order)
+#: colorblind-palette index per registered method (vq4dit.methods.REGISTRY; others take the remaining colours in order)
 METHOD_COLOURS = {"fp": 7, "rtn": 1, "vq-kmeans": 2, "vq-codebook": 0, "vq4dit": 4, "repq-vit": 3, "gptq": 5, "qdit": 6,
                   "gptvq": 8}
 

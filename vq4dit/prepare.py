@@ -14,7 +14,6 @@ official DiT checkpoint (facebookresearch/DiT ``models.py`` key layout) into dif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import logging
 import math
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from vq4dit.features import DigitsFeatureNet
-from vq4dit.io import atomic_savez, atomic_write_json, progress
+from vq4dit.io import atomic_output, atomic_savez, atomic_write_json, file_sha256, progress
 from vq4dit.models import (
     block_linear_names, build_transformer, save_converted, tie_embedders, untie_embedders,
     use_original_timestep_embedding,
@@ -144,15 +143,6 @@ def train_digits_features(steps: int, batch_size: int, lr: float, seed: int) -> 
     return net.eval(), accuracy
 
 
-def sha256sum(path: Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, output: Path, sha256: str | None, size: int | None = None) -> None:
     """Fetch ``url`` to ``output`` through a ``.part`` file; verify size and sha256 before the final rename."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +179,7 @@ def verify(path: Path, sha256: str | None, size: int | None = None, name: Path |
     if size and actual_size != size:
         raise ValueError(f"{name or path}: {actual_size} bytes, expected {size} (truncated or a different file); "
                          "delete it and download it again")
-    actual = sha256sum(path)
+    actual = file_sha256(path)
     if not sha256:
         log.warning("%s: no sha256 configured, not verified; it hashes to %s (pin that in the config)",
                     name or path, actual)
@@ -292,11 +282,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.what == "digits-features":
         net, accuracy = train_digits_features(args.steps, args.batch_size, args.lr, args.seed)
         log.info("digits-cnn held-out accuracy %.3f", accuracy)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(net.state_dict(), output)
+        with atomic_output(output, (RuntimeError,)) as tmp:
+            torch.save(net.state_dict(), tmp)
     elif args.what == "digits-reference":
         images, labels = digits_uint8()
-        atomic_savez(output, arr_0=images, labels=labels)
+        atomic_savez(output, "digits_reference", arr_0=images, labels=labels)
     elif args.what == "convert-dit":
         model = convert_dit(Path(args.checkpoint), args.arch, args.image_size, args.sha256 or None)
         save_converted(model, output, args.checkpoint)

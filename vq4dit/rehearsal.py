@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vq4dit.features import SPATIAL_CHANNELS, save_random_weights
+from vq4dit.io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +115,11 @@ def dit_state(image_size: int, seed: int) -> dict[str, torch.Tensor]:
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An .npz (np.load reads it) with fixed zip timestamps: np.savez stamps the current time, so its
     bytes, and the sha256 the config pins, would change with every run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-    tmp.replace(path)
 
 
 def random_covariance(dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -148,27 +147,29 @@ def vae_state(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in AutoencoderKL(**config).state_dict().items()}
 
 
+ASSETS = ("dit", "vae-config", "vae-weights", "inception", "reference")
+
+
 def write_asset(asset: str, output: Path, seed: int, image_size: int, n_images: int) -> None:
-    """Write one asset deterministically (same seed and options -> same bytes)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if asset == "dit":
-        torch.save(dit_state(image_size, seed), output)  # torch's zip records carry no time stamps
-    elif asset == "vae-config":
-        output.write_text(json.dumps(SD_VAE_FT_EMA_CONFIG, indent=2) + "\n")
-    elif asset == "vae-weights":
-        save_file(vae_state(seed), str(output), metadata={"format": "pt"})
-    elif asset == "inception":
-        torch.manual_seed(seed)
-        save_random_weights("inception-v3-compat", output)
-    elif asset == "reference":
-        save_npz(output, reference_batch(image_size, n_images, seed))
-    else:
-        raise ValueError(f"unknown rehearsal asset {asset!r}; expected dit, vae-config, vae-weights, inception "
-                         "or reference")
+    """Write one asset deterministically (same seed and options -> same bytes), atomically."""
+    if asset not in ASSETS:
+        raise ValueError(f"unknown rehearsal asset {asset!r}; expected one of {ASSETS}")
+    with atomic_output(output, (RuntimeError, SafetensorError)) as tmp:
+        if asset == "dit":
+            torch.save(dit_state(image_size, seed), tmp)  # torch's zip records carry no time stamps
+        elif asset == "vae-config":
+            tmp.write_text(json.dumps(SD_VAE_FT_EMA_CONFIG, indent=2) + "\n")
+        elif asset == "vae-weights":
+            save_file(vae_state(seed), str(tmp), metadata={"format": "pt"})
+        elif asset == "inception":
+            torch.manual_seed(seed)
+            save_random_weights("inception-v3-compat", tmp)
+        else:
+            save_npz(tmp, reference_batch(image_size, n_images, seed))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--asset", required=True, choices=("dit", "vae-config", "vae-weights", "inception", "reference"))
+    parser.add_argument("--asset", required=True, choices=ASSETS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=256, help="dit and reference: 256 or 512")
     parser.add_argument("--n-images", type=int, default=8, help="reference: images in arr_0")

@@ -13,13 +13,17 @@ Image ``i`` draws its label, initial noise and per-step noise from one generator
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vq4dit.io import META_KEY, atomic_savez, environment, log_peak_gpu_memory, meta_array, progress, resolve_device
+from vq4dit.io import (
+    META_KEY, atomic_savez, corrupt, environment, log_peak_gpu_memory, meta_array, progress, resolve_device,
+    verify_file,
+)
 from vq4dit.models import num_classes
 from vq4dit.packed import load_quantized_transformer
 
@@ -258,6 +262,7 @@ def load_vae(directory: str | None, device: torch.device):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", required=True, help="diffusers transformer folder of the FP model")
     parser.add_argument("--quantized", required=True, help="packed model of the setting (quantize stage output)")
+    parser.add_argument("--quantize-info", help="the quantize job's info JSON: the packed model is checked against its sha256")
     parser.add_argument("--vae", default="", help="diffusers VAE folder; empty for pixel-space models")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--cfg-scale", type=cfg_scale_arg, required=True, help="guidance scale >= 1 (1: none)")
@@ -280,7 +285,17 @@ def cfg_scale_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def recorded_sha256(info: Path) -> str | None:
+    """The packed model's sha256 its quantize job recorded in ``info`` (None in an info written before it did)."""
+    try:
+        return json.loads(info.read_text()).get("packed_sha256")
+    except json.JSONDecodeError as err:
+        raise corrupt(info, f"not JSON ({err})", "quantize") from err
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.quantize_info:
+        verify_file(args.quantized, recorded_sha256(Path(args.quantize_info)), "quantize")
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
     if args.compile:
@@ -291,6 +306,6 @@ def run(args: argparse.Namespace) -> None:
     images, labels = generate_shard(model, vae, args.seed, args.start, args.count, args.batch_size,
                                     args.steps, args.cfg_scale, args.cfg_channels, args.precision)
     meta = environment(device, seed=args.seed, precision=args.precision)  # for the manifest (vq4dit.manifest)
-    atomic_savez(Path(args.output), arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
+    atomic_savez(Path(args.output), "sample", arr_0=images, labels=labels, **{META_KEY: meta_array(meta)})
     log.info("wrote %s: %s", args.output, images.shape)
     log_peak_gpu_memory(log, device)

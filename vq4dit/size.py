@@ -16,20 +16,31 @@ codebooks (``codebook_bits=16``, 0.38 MB, total 161.70 MB); ``--codebook-bits 32
 the paper's 162.08 MB.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
 import re
 import sys
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from vq4dit.codebook import clamp_k
+if TYPE_CHECKING:
+    from torch import nn
 
 MB = float(1 << 20)
 
 ARCHS = {"S": (384, 12), "B": (768, 12), "L": (1024, 24), "XL": (1152, 28)}
 """DiT size name -> (hidden size, depth), from the DiT paper; MLP ratio 4, adaLN 6 * hidden."""
+
+
+def clamp_k(k: int, n_subvectors: int) -> int:
+    """Clamp ``k`` to the largest power of two <= n_subvectors / 4 (at least 1), as the authors' code does."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    quarter = n_subvectors // 4
+    cap = 1 << (quarter.bit_length() - 1) if quarter > 0 else 1
+    return min(k, cap)
 
 
 def dit_block_linear_shapes(arch: str) -> list[tuple[int, int]]:

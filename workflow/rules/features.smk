@@ -19,6 +19,7 @@ rule features:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("features"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:
@@ -38,6 +39,7 @@ rule reference_features:
         extractor=config["feature_extractor"]["name"],
         batch_size=config["metrics"]["batch_size"],
         device=config["device"],
+        made_by="reference_features",
     log:
         "logs/{preset}/reference_features/{reference}.log",
     benchmark:
@@ -45,9 +47,10 @@ rule reference_features:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("reference_features"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit features --inputs {input.images} --extractor {params.extractor}"
         " --weights {input.weights} --batch-size {params.batch_size} --device {params.device}"
-        " --output {output} > {log} 2>&1"
+        " --made-by {params.made_by} --output {output} > {log} 2>&1"

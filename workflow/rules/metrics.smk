@@ -20,6 +20,7 @@ rule metrics:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("metrics"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:

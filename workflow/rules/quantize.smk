@@ -21,6 +21,7 @@ rule quantize:
     threads: rule_threads("quantize")
     resources:
         gpu=gpu,
+        runtime=runtime("quantize"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:

@@ -5,6 +5,7 @@ rule sample:
     input:
         transformer=transformer_config,
         packed="results/{preset}/quantized/{model}/{setting}.safetensors",
+        quantize_info=QUANTIZE_INFO,
         vae=vae_config,
         vae_verified=vae_verified,
     output:
@@ -26,10 +27,12 @@ rule sample:
     threads: 1
     resources:
         gpu=gpu,
+        runtime=runtime("sample"),
     conda:
         "../../envs/vq4dit.yaml"
     shell:
         "python -m vq4dit sample --transformer {input.transformer} --quantized {input.packed}"
+        " --quantize-info {input.quantize_info}"
         " --vae '{params.vae}' --steps {wildcards.steps} --cfg-scale {params.cfg_scale} {params.cfg_channels}"
         " --seed {params.seed} --start {params.range[0]} --count {params.range[1]}"
         " --batch-size {params.batch_size} --precision {params.precision} {params.compile}"

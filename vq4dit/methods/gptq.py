@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., ICLR 2023), weight-only, on the asymmetric min-max grid of :mod:`vq4dit.rtn`.
+"""GPTQ (Frantar et al., ICLR 2023), weight-only, on the asymmetric min-max grid of :mod:`vq4dit.methods.rtn`.
 
 One layer at a time, from its weight W (out, in) and the Hessian H = 2/N sum x x^T of its inputs:
 
@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from vq4dit import rtn
+from vq4dit.methods import rtn
 
 #: where a group's grid comes from: the batch-start copy of W (the published code) or the error-updated columns
 GROUP_GRIDS = ("published", "updated")

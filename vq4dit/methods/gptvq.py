@@ -2,11 +2,11 @@
 
 The strongest vector baseline of issue 18: the same codebook shape as VQ4DiT (one codebook of ``k``
 codewords of dimension ``d`` per layer, sub-vectors of ``d`` consecutive inputs of one output row,
-``W.reshape(-1, d)`` as in :func:`vq4dit.codebook.subvectors`), but the codebook and the assignments
+``W.reshape(-1, d)`` as in :func:`vq4dit.methods.codebook.subvectors`), but the codebook and the assignments
 are chosen for the layer's output error ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X`` of its
 calibration inputs, instead of the weights' Euclidean error. The output is the packed "vq" layer of
-:meth:`vq4dit.assignments.VQLayers.packed` (assignments, fp16 codebook, shape; no bias), so
-:func:`vq4dit.assignments.dequantize` and ``vq4dit.packed``'s "vq" format apply unchanged.
+:meth:`vq4dit.methods.assignments.VQLayers.packed` (assignments, fp16 codebook, shape; no bias), so
+:func:`vq4dit.methods.assignments.dequantize` and ``vq4dit.packed``'s "vq" format apply unchanged.
 
 Two variants (``variant``, config ``baselines.gptvq_variant``). ``"published"`` (default) is the
 official code (Qualcomm-AI-research/gptvq ``vq_quant.py`` and ``gptq.py`` ``fasterquant``, as its
@@ -25,7 +25,7 @@ Steps of the ``"exact"`` variant and the choices made here:
 2. Codebook init: weighted k-means on all the layer's sub-vectors. Coordinate ``t`` of a sub-vector
    in column group ``g`` weighs ``1 / U_jj^2`` (``j = g d + t``, the GPTQ saliency of column j), and
    the distance is ``sum_t w_t (x_t - c_t)^2``. Seeding is VQ4DiT's own k-means++
-   (:func:`vq4dit.codebook.seed_codebook`: Euclidean D^2 sampling on a seeded sample of
+   (:func:`vq4dit.methods.codebook.seed_codebook`: Euclidean D^2 sampling on a seeded sample of
    the points, deterministic for ``seed``); ``kmeans_iters`` weighted Lloyd iterations follow (a
    coordinate of a centroid is the weighted mean of its points' coordinates; an empty cluster moves
    to the point farthest from its codeword, as in codebook.py). One codebook per layer, fixed before
@@ -53,9 +53,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vq4dit.assignments import index_dtype
-from vq4dit.codebook import CHUNK_ELEMENTS, seed_codebook, segment_sums
-from vq4dit.gptq import one_thread
+from vq4dit.methods.assignments import index_dtype
+from vq4dit.methods.codebook import CHUNK_ELEMENTS, seed_codebook, segment_sums
+from vq4dit.methods.gptq import one_thread
 
 #: the column loop, k-means and codebook update of GPTVQ's published code, or this module's exact ones
 VARIANTS = ("published", "exact")
@@ -162,7 +162,7 @@ def published_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10) -> Ten
 def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
     """k-means of the sub-vectors ``x`` (rows, G, d) when every coordinate of group g weighs ``weights[g]`` (G, d).
 
-    Seeded by :func:`vq4dit.codebook.seed_codebook` (k-means++ on ``x.reshape(-1, d)``, ``seed``);
+    Seeded by :func:`vq4dit.methods.codebook.seed_codebook` (k-means++ on ``x.reshape(-1, d)``, ``seed``);
     then up to ``iters`` weighted Lloyd iterations, stopping once no assignment changes. Returns
     (codebook (k, d) float32, assignments (rows * G,) int64 in ``x.reshape(-1, d)``'s order), the
     assignments being the weighted-nearest codewords of the codebook.
@@ -328,7 +328,7 @@ def gptvq_quantize(weight: Tensor, hessian: Tensor, k: int, d: int, *, percdamp:
     ``weight`` (out, in) and ``hessian`` (in, in) (``X^T X`` of the layer's inputs, any positive
     scale). Returns ``{"assignments": (out * in / d,) uint8/int16/int32 (the smallest for k),
     "codebook": (k, d) float16, "shape": (2,) int64}``, the keys and dtypes of
-    :meth:`vq4dit.assignments.VQLayers.packed` (no bias). ``blocksize`` must be a multiple of d
+    :meth:`vq4dit.methods.assignments.VQLayers.packed` (no bias). ``blocksize`` must be a multiple of d
     (a block wider than ``in`` is the whole layer). Raises ``ValueError`` when ``in`` is
     not a multiple of d or k exceeds the number of sub-vectors. Deterministic for ``seed``.
     """

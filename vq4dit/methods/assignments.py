@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq4dit.codebook import clamp_k, kmeans, nearest, segment_sums, subvectors
+from vq4dit.methods.codebook import kmeans, nearest, segment_sums, subvectors
+from vq4dit.size import clamp_k
 
 log = logging.getLogger(__name__)
 

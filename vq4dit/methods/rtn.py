@@ -16,7 +16,14 @@ the stored ``perm`` (GPTQ's act-order) or j itself.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from vq4dit import size
+
+if TYPE_CHECKING:  # vq4dit.packed imports this module
+    from vq4dit.packed import Packed
 
 #: RepQ-ViT's clipping percentiles (``quantizer.py``, ``init_quantization_scale``)
 REPQ_PERCENTILES = (0.999, 0.9999, 0.99999)
@@ -99,3 +106,10 @@ def dequantize(packed: dict[str, torch.Tensor]) -> torch.Tensor:
     if index is not None:
         scale, zero = scale[:, index], zero[:, index]
     return (packed["codes"].float() - zero) * scale
+
+
+def quantize_rtn(model, names, setting, cfg, device, teacher) -> tuple[Packed, dict]:
+    """Per-output-channel RTN of every block linear; ``repq-vit``: with RepQ-ViT's percentile clipping search."""
+    bits, search = int(setting["bits"]), setting["method"] == "repq-vit"
+    packed = {name: quantize_weight(model.get_submodule(name).weight, bits, search) for name in names}
+    return packed, {"size": size.scalar_size(size.linear_shapes(model, names), bits)}

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq4dit.assignments import RATIO_INITS, VQLayers, VQLinear, attach
-from vq4dit.io import config_from_dict, progress
+from vq4dit.io import atomic_output, config_from_dict, progress
+from vq4dit.methods.assignments import RATIO_INITS, VQLayers, VQLinear, attach
 from vq4dit.models import num_classes
 from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
@@ -415,9 +414,8 @@ def _save_checkpoint(path: Path, calibrator: Calibrator, streams: TeacherStreams
     with host_reads():
         state = {"fingerprint": fingerprint, "seconds": seconds, "streams": streams.state_dict(),
                  **calibrator.state_dict()}
-        partial = path.with_name(path.name + ".part")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        with atomic_output(path, (RuntimeError,)) as partial:
+            torch.save(state, partial)
     log.info("checkpoint %s: %d optimiser steps done", path, calibrator.step)
 
 

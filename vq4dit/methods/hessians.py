@@ -4,7 +4,7 @@ Layer Hessians H = 2/N sum x x^T (N = rows of X: one row per token for the atten
 linears, one per model input for adaLN's ``norm1.linear``) from forward hooks on the FP teacher while
 it samples the zero-data calibration inputs: ``trajectories`` seeded guided trajectories of ``steps``
 steps with ``labels_per_trajectory`` labels and their null-label copies, all sampling steps (the
-source of VQ4DiT's calibration, :func:`vq4dit.calibration.collect_calibration_inputs`, with its seed,
+source of VQ4DiT's calibration, :func:`vq4dit.methods.calibration.collect_calibration_inputs`, with its seed,
 guidance scale and guided channels; the held-out block-MSE trajectory uses seed + 1 and is never
 seen here). The paper preset's 8 x 4 x 2 x 50 = 3,200 model inputs give 819,200 token rows per
 attention/MLP linear of DiT-XL/2 at 256 px (GPTQ's reference: 128 x 2048 = 262,144) spread over
@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from vq4dit import size
-from vq4dit.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs
-from vq4dit.gptq import GROUP_GRIDS, gptq_quantize, output_error
-from vq4dit.gptvq import VARIANTS, gptvq_quantize
+from vq4dit.methods.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs
+from vq4dit.methods.gptq import GROUP_GRIDS, gptq_quantize, output_error
+from vq4dit.methods.gptvq import VARIANTS, gptvq_quantize
 from vq4dit.io import config_from_dict, progress
 from vq4dit.packed import Packed
 
@@ -68,7 +68,7 @@ class BaselineConfig:
     gptq_group_grid: str = "published"
     """GPTQ / Q-DiT group grids: from the lazy batch's start copy of W (published) or the error-updated columns."""
     gptvq_variant: str = "published"
-    """GPTVQ: its published code's k-means, column loop and Adam codebook update, or the exact ones (vq4dit.gptvq)."""
+    """GPTVQ: its published code's k-means, column loop and Adam codebook update, or the exact ones (vq4dit.methods.gptvq)."""
 
     def __post_init__(self) -> None:
         for key in ("trajectories", "labels_per_trajectory", "steps", "blocksize"):
@@ -214,7 +214,7 @@ def quantize_qdit(model, names, setting, calibration, device, teacher, baselines
 
 def quantize_gptvq(model, names, setting, calibration, device, teacher, baselines: BaselineConfig
                    ) -> tuple[Packed, dict]:
-    """GPTVQ (van Baalen et al., 2024) of every block linear at the setting's k and d (``vq4dit.gptvq``)."""
+    """GPTVQ (van Baalen et al., 2024) of every block linear at the setting's k and d (``vq4dit.methods.gptvq``)."""
     k, d = int(setting["k"]), int(setting["d"])
     hessians, rows = layer_hessians(teacher, names, calibration, baselines, device)
     packed = {name: gptvq_quantize(w.detach().float(), h, k, d, percdamp=baselines.percdamp,
@@ -223,7 +223,3 @@ def quantize_gptvq(model, names, setting, calibration, device, teacher, baseline
                                    variant=baselines.gptvq_variant)
               for name, w, h in each_layer(model, names, hessians)}
     return packed, {"size": size.vq_size(size.linear_shapes(model, names), k, d), "hessian_rows": rows}
-
-
-#: methods that need the layer Hessians (and the ``baselines`` config)
-HESSIAN_METHODS = {"gptq": quantize_gptq, "qdit": quantize_qdit, "gptvq": quantize_gptvq}

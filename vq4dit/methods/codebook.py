@@ -49,15 +49,6 @@ def subvectors(weight: Tensor, d: int) -> Tensor:
     return weight.reshape(-1, d)
 
 
-def clamp_k(k: int, n_subvectors: int) -> int:
-    """Clamp ``k`` to the largest power of two <= n_subvectors / 4 (at least 1)."""
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
-    quarter = n_subvectors // 4
-    cap = 1 << (quarter.bit_length() - 1) if quarter > 0 else 1
-    return min(k, cap)
-
-
 def _chunk_rows(k: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(k, 1))
 
