@@ -1,5 +1,6 @@
 """VQLayers / VQLinear: reconstruction and its gradient, logit init, L_r, freezing, hardening, packing, model surgery."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,24 @@ def test_from_linears_shapes_clamped_k_and_global_candidates() -> None:
     assert vq.weight(0).shape == (16, 32) and vq.weight(1).shape == (32, 64)
 
 
+def test_logit_init_is_the_authors_formula() -> None:
+    """dengjuncan/VQ4DiT CompressedLinear.prepare_sim: logit_i = log(d_last / (d_i + 1e-5)) for i < n - 1, the
+    last 0; "both-eps" is log((d_last + 1e-8) / (d_i + 1e-8))."""
+    distances = torch.tensor([[0.5, 2.0, 3.0], [0.0, 1.0, 1.5], [1e-4, 1e-4, 2e-4]])
+    authors = [[math.log(row[-1] / (v + 1e-5)) for v in row[:-1]] + [0.0] for row in distances.double().tolist()]
+    assert torch.allclose(init_logits(distances).double(), torch.tensor(authors, dtype=torch.float64), rtol=1e-6)
+    both = [[math.log((row[-1] + 1e-8) / (v + 1e-8)) for v in row] for row in distances.double().tolist()]
+    assert torch.allclose(init_logits(distances, "both-eps").double(), torch.tensor(both, dtype=torch.float64),
+                          rtol=1e-6)
+    assert not torch.allclose(init_logits(distances), init_logits(distances, "both-eps"), rtol=1e-4)
+    with pytest.raises(ValueError, match="ratio_init"):
+        init_logits(distances, "nearest")
+
+
 def test_logit_init_prefers_nearer_codeword() -> None:
     logits = init_logits(torch.tensor([[0.5, 2.0], [0.0, 1.0], [1.0, 2.0]]))
-    assert torch.allclose(logits[:, 1], torch.zeros(3))
-    assert torch.allclose(logits[0, 0], torch.log(torch.tensor(4.0)))
+    assert torch.equal(logits[:, 1], torch.zeros(3))
+    assert torch.allclose(logits[0, 0], torch.log(torch.tensor(4.0)), rtol=0, atol=3e-5)
     assert torch.isfinite(logits).all()
     ratios = _vq(n=3).ratios()
     assert torch.all(ratios[0] >= ratios[1]) and torch.all(ratios[1] >= ratios[2])

@@ -156,3 +156,11 @@ def test_repq_vit_weight_quantizer_follows_its_code(bits):
     expected = np.stack([repq_vit_row(row, bits) for row in w.double().numpy()])
     assert np.allclose(ours, expected, atol=1e-5)
     assert not torch.equal(rtn.quantize_weight(w, bits)["scale"], rtn.quantize_weight(w, bits, clip_search=True)["scale"])
+
+
+def test_published_variants_are_the_defaults_and_bad_values_are_named():
+    cfg = BaselineConfig()
+    assert (cfg.gptq_group_grid, cfg.gptvq_variant) == ("published", "published")
+    for key in ("gptq_group_grid", "gptvq_variant"):
+        with pytest.raises(ValueError, match=key):
+            BaselineConfig.from_dict({key: "ours"})

@@ -21,16 +21,23 @@ def layer(rows=16, columns=64, seed=0):
 
 
 def fresh_grid(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row asymmetric min-max grid with 0 in range; scale and zero as stored (fp16)."""
+    """Per-row asymmetric min-max grid with 0 in range, [-1, 1] for an all-zero row (GPTQ's quant.py);
+    scale and zero as stored (fp16)."""
     maxq = 2**bits - 1
     lo, hi = np.minimum(w.min(1), 0), np.maximum(w.max(1), 0)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = np.where(empty, -1.0, lo), np.where(empty, 1.0, hi)
     scale = np.maximum((hi - lo) / maxq, 1e-8).astype(np.float16).astype(np.float64)
     zero = np.clip(np.round(-lo / scale), 0, maxq).astype(np.float16).astype(np.float64)
     return scale, zero
 
 
-def fresh_gptq(weight, hessian, bits, group_size=0, act_order=False, percdamp=0.01, obs=False):
+def fresh_gptq(weight, hessian, bits, group_size=0, act_order=False, percdamp=0.01, obs=False, grid_batch=None):
     """Published GPTQ, one column at a time with immediate error feedback; returns the dequantized weight.
+
+    A group's grid: ``grid_batch=None`` from the group's fully updated columns; else (the published
+    code's lazy batches of ``grid_batch`` columns) from the copy of W taken at the start of the batch
+    holding the group's first column.
 
     ``obs=False``: U = upper Cholesky factor of the damped H^-1, update -err_j / U_jj * U_j,j:.
     ``obs=True``: Optimal Brain Surgeon with the inverse of the remaining columns' Hessian recomputed
@@ -48,8 +55,10 @@ def fresh_gptq(weight, hessian, bits, group_size=0, act_order=False, percdamp=0.
     q = np.zeros_like(w)
     scale, zero = fresh_grid(w, bits)
     for j in range(n):
+        if grid_batch and j % grid_batch == 0:
+            batch_start = w.copy()
         if group_size and j % group_size == 0:
-            scale, zero = fresh_grid(w[:, j:j + group_size], bits)
+            scale, zero = fresh_grid((w if grid_batch is None else batch_start)[:, j:j + group_size], bits)
         q[:, j] = (np.clip(np.round(w[:, j] / scale) + zero, 0, maxq) - zero) * scale
         if obs:
             inv = np.linalg.inv(h[j:, j:])
@@ -64,18 +73,29 @@ CASES = [dict(bits=2), dict(bits=3, group_size=16), dict(bits=4, act_order=True)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_gptq_equals_the_published_algorithm(case):
+@pytest.mark.parametrize("blocksize", [64, 8, 20, 32])
+def test_gptq_equals_the_published_algorithm(case, blocksize):
+    """Default group grid: the published code's batch-start copy, whatever the blocksize."""
     w, h = layer(), spd_hessian(64, seed=1, dead=(5, 40))
-    ours = rtn.dequantize(gptq_quantize(w, h, blocksize=64, **case))
-    assert torch.equal(ours.double(), fresh_gptq(w, h, **case))
+    ours = rtn.dequantize(gptq_quantize(w, h, blocksize=blocksize, **case))
+    assert torch.equal(ours.double(), fresh_gptq(w, h, grid_batch=blocksize, **case))
+
+
+def test_published_group_grid_differs_from_the_updated_one_when_groups_start_inside_a_batch():
+    w, h = layer(seed=4), spd_hessian(64, seed=5)
+    published = gptq_quantize(w, h, 2, group_size=16, blocksize=64)
+    updated = gptq_quantize(w, h, 2, group_size=16, blocksize=64, group_grid="updated")
+    assert torch.equal(published["scale"][:, 0], updated["scale"][:, 0])  # the first group starts the batch
+    assert not torch.equal(published["codes"], updated["codes"])
+    assert torch.equal(rtn.dequantize(updated).double(), fresh_gptq(w, h, 2, group_size=16))
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("blocksize", [8, 20])
-def test_lazy_batches_give_the_same_result(case, blocksize):
+def test_updated_group_grid_does_not_depend_on_lazy_batches(case, blocksize):
     w, h = layer(seed=2), spd_hessian(64, seed=3)
-    whole = gptq_quantize(w, h, blocksize=64, **case)
-    lazy = gptq_quantize(w, h, blocksize=blocksize, **case)
+    whole = gptq_quantize(w, h, blocksize=64, group_grid="updated", **case)
+    lazy = gptq_quantize(w, h, blocksize=blocksize, group_grid="updated", **case)
     assert torch.equal(whole["codes"], lazy["codes"]) and torch.equal(whole["scale"], lazy["scale"])
 
 

@@ -125,3 +125,18 @@ def load_quantized_transformer_from(model, path, tmp_path):
     folder = tmp_path / "transformer"
     model.save_pretrained(folder)
     return load_quantized_transformer(folder, path)
+
+
+def test_writer_refuses_a_non_finite_weight_and_names_the_layer(tmp_path):
+    good = {"codes": torch.zeros(2, 4, dtype=torch.uint8), "scale": torch.ones(2, 1).half(),
+            "zero": torch.zeros(2, 1).half()}
+    bad = {**good, "scale": torch.tensor([[1.0], [float("nan")]]).half()}
+    state = {"a.weight": torch.zeros(2, 4), "b.weight": torch.zeros(2, 4)}
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="'b'.*non-finite"):
+        save_packed(state, {"a": good, "b": bad}, "rtn", {"id": "x", "method": "rtn", "bits": 2}, path)
+    assert not path.exists()
+    vq = {"assignments": torch.zeros(4, dtype=torch.uint8), "codebook": torch.tensor([[float("inf"), 0.0]]).half(),
+          "shape": torch.tensor([2, 4])}
+    with pytest.raises(ValueError, match="'a'.*non-finite"):
+        save_packed(state, {"a": vq}, "vq", {"id": "y", "method": "vq-kmeans", "k": 1, "d": 2}, path)

@@ -94,8 +94,19 @@ def nonblock_bytes(fp_state: dict[str, torch.Tensor], names: list[str]) -> int:
     return sum(t.numel() * t.element_size() for k, t in fp_state.items() if k not in counted)
 
 
+def check_finite(packed: Packed, fmt: str, path: Path) -> None:
+    """Raise ValueError naming the first layer whose dequantized weight has a NaN or Inf."""
+    for name, tensors in packed.items():
+        if not torch.isfinite(FORMATS[fmt][1](dict(tensors))).all():
+            raise ValueError(f"{path}: layer {name!r} dequantizes to a non-finite weight (NaN or Inf); not written")
+
+
 def save_packed(fp_state: dict[str, torch.Tensor], packed: Packed, fmt: str, setting: dict, path: Path) -> None:
-    """Write the packed checkpoint: FP tensors (shared ones once), each quantized weight replaced by its packed tensors."""
+    """Write the packed checkpoint: FP tensors (shared ones once), each quantized weight replaced by its packed tensors.
+
+    Refuses (ValueError naming the layer) a layer whose weight would not be finite.
+    """
+    check_finite(packed, fmt, path)
     state = dict(fp_state)
     tied = shared_copies(state)
     for key in tied:

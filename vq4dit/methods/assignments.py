@@ -40,19 +40,31 @@ from vq4dit.size import clamp_k
 log = logging.getLogger(__name__)
 
 EPS = 1e-8
-"""Added to candidate distances before the logit init's log-ratio (guards distance 0)."""
+"""``ratio_init="both-eps"``: added to every candidate distance before the logit init's log-ratio."""
+AUTHORS_EPS = 1e-5
+"""``ratio_init="authors"``: added to the nearer candidates' distances only (dengjuncan/VQ4DiT ``CompressedLinear.py``)."""
+RATIO_INITS = ("authors", "both-eps")
+"""The logit init's guard against distance 0: the authors' code's, or 1e-8 on every distance."""
 CODEBOOK_TRAINING = ("always", "after-hard")
 """When a layer's codebook trains: from the start (the paper's text) or once the layer is hard (the authors' code)."""
 
 
-def init_logits(distances: Tensor) -> Tensor:
-    """Logits from sorted candidate distances (N, n): ``logit_j = log(dist_n / dist_j)``.
+def init_logits(distances: Tensor, ratio_init: str = "authors") -> Tensor:
+    """Logits from sorted candidate distances (N, n): ``logit_j = log(dist_n / dist_j)``, the farthest 0.
 
-    For n = 2 the nearest candidate gets log(dist_2 / dist_1) and the other 0, so nearer
-    codewords start with larger ratios; the farthest candidate always starts at 0.
+    For n = 2 the nearest candidate gets log(dist_2 / dist_1) and the other 0, so nearer codewords
+    start with larger ratios. ``ratio_init`` (:data:`RATIO_INITS`): ``"authors"``
+    ``log(dist_n / (dist_j + 1e-5))`` for j < n; ``"both-eps"`` ``log((dist_n + 1e-8) / (dist_j + 1e-8))``.
     """
-    distances = distances.float() + EPS
-    return torch.log(distances[:, -1:] / distances)
+    if ratio_init not in RATIO_INITS:
+        raise ValueError(f"ratio_init {ratio_init!r}: expected one of {RATIO_INITS}")
+    if ratio_init == "both-eps":
+        distances = distances.float() + EPS
+        return torch.log(distances[:, -1:] / distances)
+    distances = distances.float()
+    logits = torch.log(distances[:, -1:] / (distances + AUTHORS_EPS))
+    logits[:, -1] = 0.0
+    return logits
 
 
 FROZEN_LOGIT = 1e4
@@ -192,7 +204,7 @@ class VQLayers(nn.Module):
 
     @classmethod
     def from_linears(cls, linears: list[nn.Linear], k: int, d: int, n_candidates: int = 2, kmeans_iters: int = 100,
-                     seed: int = 0, codebook_training: str = "always") -> VQLayers:
+                     seed: int = 0, codebook_training: str = "always", ratio_init: str = "authors") -> VQLayers:
         """Quantize each linear: k-means codebook (k clamped), n nearest codewords, logit init.
 
         ``n_candidates = 1`` gives hard nearest-codeword layers (the "vq-kmeans" baseline).
@@ -220,7 +232,7 @@ class VQLayers(nn.Module):
             else:
                 cand, distances = nearest(x, codebook, n)
             candidates[:, start:end] = cand.t() + offset
-            logits[:, start:end] = init_logits(distances).t()
+            logits[:, start:end] = init_logits(distances, ratio_init).t()
             codebooks.append(codebook)
             offset += k_eff
         shapes = torch.tensor([tuple(linear.weight.shape) for linear in linears], device=device)

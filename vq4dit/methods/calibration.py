@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vq4dit.io import TerminationRequest, atomic_output, config_from_dict, progress
-from vq4dit.methods.assignments import VQLayers, VQLinear, attach
+from vq4dit.methods.assignments import RATIO_INITS, VQLayers, VQLinear, attach
 from vq4dit.models import num_classes
 from vq4dit.sample import PRECISIONS, Trajectory, labels_for, sample_batch, set_precision
 
@@ -111,6 +111,8 @@ class CalibrationConfig:
     freeze_threshold: float = 0.99
     layer_threshold: float = 0.99
     kmeans_iters: int = 100
+    ratio_init: str = "authors"
+    """Logit init's distance guard: 1e-5 on the nearer distances (authors) or 1e-8 on all (both-eps)."""
     seed: int = 0
     precision: str = "tf32"
     """Matmul precision: tf32 (the authors' TF32 matmuls; fp32 on a CPU), fp32, or bf16 autocast."""
@@ -126,7 +128,8 @@ class CalibrationConfig:
                              f"labels_per_trajectory = {self.labels_per_trajectory}")
         for key, value, allowed in (("objective", self.objective, OBJECTIVES),
                                     ("ratio_reg_rule", self.ratio_reg_rule, RATIO_REG_RULES),
-                                    ("precision", self.precision, PRECISIONS)):
+                                    ("precision", self.precision, PRECISIONS),
+                                    ("ratio_init", self.ratio_init, RATIO_INITS)):
             if value not in allowed:
                 raise ValueError(f"calibration key {key!r}: {value!r}, expected one of {list(allowed)}")
 

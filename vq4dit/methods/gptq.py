@@ -9,10 +9,12 @@ One layer at a time, from its weight W (out, in) and the Hessian H = 2/N sum x x
   back to the later columns through row j of U; lazy batches of ``blocksize`` columns defer the
   update of the columns after the batch to one matrix product (same result, fewer memory passes);
 - groups (optional): a fresh grid (scale, zero) at every ``group_size``-th column (in quantization
-  order), from the error-updated weights of the group's columns. The reference code reads a group
-  that starts inside a lazy batch from the batch-start copy of W; here pending updates are applied
-  first, so the result does not depend on ``blocksize`` (the two agree when one of group size and
-  blocksize divides the other).
+  order). ``group_grid="published"`` (default; IST-DASLab/gptq ``gptq.py`` and Juanerx/Q-DiT
+  ``qdit/gptq.py`` ``fasterquant``): from the copy of W as it stood at the start of the lazy batch,
+  i.e. without the updates of the batch's earlier columns. ``group_grid="updated"``: from the
+  fully error-updated columns (pending updates applied first), which does not depend on
+  ``blocksize``. The two agree when every group starts a lazy batch (group size a multiple of
+  ``blocksize``), not otherwise.
 
 Arithmetic in float32 (float64 if the weight is float64). Output: the packed "rtn" layout (codes in
 the original column order; with groups, (rows, groups) scales and zeros, ``group_size`` and, with
@@ -27,6 +29,9 @@ import torch
 from torch import Tensor
 
 from vq4dit.methods import rtn
+
+#: where a group's grid comes from: the batch-start copy of W (the published code) or the error-updated columns
+GROUP_GRIDS = ("published", "updated")
 
 
 @contextlib.contextmanager
@@ -64,8 +69,11 @@ def group_values(w: Tensor, block: Tensor, errors: Tensor, u: Tensor, start: int
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, *, group_size: int = 0, act_order: bool = False,
-                  percdamp: float = 0.01, blocksize: int = 128) -> dict[str, Tensor]:
-    """GPTQ of one layer: packed "rtn" tensors (see module docstring). ``group_size`` 0: one grid per row."""
+                  percdamp: float = 0.01, blocksize: int = 128, group_grid: str = "published") -> dict[str, Tensor]:
+    """GPTQ of one layer: packed "rtn" tensors (see module docstring). ``group_size`` 0: one grid per row;
+    ``group_grid``: one of :data:`GROUP_GRIDS`."""
+    if group_grid not in GROUP_GRIDS:
+        raise ValueError(f"group_grid {group_grid!r}: expected one of {GROUP_GRIDS}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(device=w.device, dtype=dtype).clone()
@@ -90,7 +98,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, *, group_size: int
             for i in range(i2 - i1):
                 column = i1 + i
                 if grouped and column % group_size == 0:
-                    scale, zero = rtn.minmax_grid(group_values(w, block, errors, u, column, i1, i2, group_size), bits)
+                    values = (w[:, column:column + group_size] if group_grid == "published"
+                              else group_values(w, block, errors, u, column, i1, i2, group_size))
+                    scale, zero = rtn.minmax_grid(values, bits)
                     scales.append(scale)
                     zeros.append(zero)
                 q = rtn.encode(block[:, i:i + 1], scale, zero, bits)

@@ -8,7 +8,16 @@ calibration inputs, instead of the weights' Euclidean error. The output is the p
 :meth:`vq4dit.methods.assignments.VQLayers.packed` (assignments, fp16 codebook, shape; no bias), so
 :func:`vq4dit.methods.assignments.dequantize` and ``vq4dit.packed``'s "vq" format apply unchanged.
 
-Steps and the choices made here:
+Two variants (``variant``, config ``baselines.gptvq_variant``). ``"published"`` (default) is the
+official code (Qualcomm-AI-research/gptvq ``vq_quant.py`` and ``gptq.py`` ``fasterquant``, as its
+scripts run it: ``--kmeans-init-method mahalanobis --hessian-weighted-lookups --include-m-step``):
+k-means from :func:`mahalanobis_init` with coordinate weights ``U_jj`` and empty codewords set to 0,
+assignments weighted by ``1 / U_jj``, each group's error ``(W_F - Q_F) / diag(U_FF)`` fed to the
+later columns only, and 25 Adam steps (lr 1e-3, restarted at lr / 10 when the loss rises) on the
+codebook (:func:`adam_codebook_update`). ``"exact"`` is ours, the steps below; on random layers it
+reaches a lower output error (benchmarks/baselines_fidelity.py, docs/departures.md).
+
+Steps of the ``"exact"`` variant and the choices made here:
 
 1. Hessian: dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weight column is set to 0 (as
    GPTQ); then ``H + percdamp * mean(diag H) * I``; ``U`` is the upper Cholesky factor of ``H^-1``
@@ -47,6 +56,9 @@ from torch import Tensor
 from vq4dit.methods.assignments import index_dtype
 from vq4dit.methods.codebook import CHUNK_ELEMENTS, seed_codebook, segment_sums
 from vq4dit.methods.gptq import one_thread
+
+#: the column loop, k-means and codebook update of GPTVQ's published code, or this module's exact ones
+VARIANTS = ("published", "exact")
 
 
 def _check(weight: Tensor, hessian: Tensor, k: int, d: int, blocksize: int) -> None:
@@ -114,6 +126,39 @@ def _bounds(assignments: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
+def _weighted_sums(points: Tensor, point_weights: Tensor, assignments: Tensor, k: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per codeword: summed coordinate weights, summed weighted points (both (k, d)) and the cluster bounds."""
+    order, bounds = _bounds(assignments, k)
+    mass = segment_sums(point_weights[order], bounds)
+    return mass, segment_sums((point_weights * points)[order], bounds), bounds
+
+
+def mahalanobis_init(points: Tensor, k: int) -> Tensor:
+    """GPTVQ's ``mahalanobis_init``: the points (N, d) at k evenly spaced ranks of their Mahalanobis distance
+    to the mean (distance rank ``round(linspace(0, N - 1, k))``)."""
+    centered = points - points.mean(0)
+    distances = ((centered @ torch.linalg.inv(centered.t() @ centered)) * centered).sum(1)
+    ranks = torch.round(torch.linspace(0, points.shape[0] - 1, k, device=points.device)).long()
+    return points[torch.argsort(distances)[ranks]].clone()
+
+
+def published_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10) -> Tensor:
+    """GPTVQ's ``kmeans_vq`` from :func:`mahalanobis_init`: codebook (k, d) after ``iters`` rounds of weighted
+    assignment (``weights`` (G, d) per coordinate, as :func:`weighted_kmeans`) and weighted means; an empty
+    cluster's codeword becomes 0 (``kmeans_m_step_3``: its sums over no point, divided by 1e-10)."""
+    rows, groups, d = x.shape
+    points = x.reshape(-1, d)
+    by_group = x.transpose(0, 1).contiguous()
+    point_weights = weights.expand(rows, groups, d).reshape(-1, d)
+    codebook = mahalanobis_init(points, k)
+    for _ in range(iters):
+        assignments = _weighted_assign(by_group, weights, codebook)[0].t().reshape(-1)
+        mass, sums, _ = _weighted_sums(points, point_weights, assignments, k)
+        codebook = (sums / mass.clamp(min=1e-10)).to(points.dtype)
+    return codebook
+
+
 def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
     """k-means of the sub-vectors ``x`` (rows, G, d) when every coordinate of group g weighs ``weights[g]`` (G, d).
 
@@ -134,9 +179,7 @@ def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: i
     assignments, distances = assign(codebook)
     point_weights = weights.expand(rows, groups, d).reshape(-1, d)
     for _ in range(iters):
-        order, bounds = _bounds(assignments, k)
-        mass = segment_sums(point_weights[order], bounds)
-        sums = segment_sums((point_weights * points)[order], bounds)
+        mass, sums, bounds = _weighted_sums(points, point_weights, assignments, k)
         updated = torch.where(mass > 0, sums / mass.clamp(min=torch.finfo(torch.float64).tiny), codebook.double())
         updated = updated.to(points.dtype)
         empty = torch.nonzero(bounds[1:] == bounds[:-1]).flatten()
@@ -151,14 +194,19 @@ def weighted_kmeans(x: Tensor, weights: Tensor, k: int, iters: int = 10, seed: i
     return codebook, assignments
 
 
-def assign_with_feedback(weight: Tensor, upper: Tensor, codebook: Tensor, blocksize: int = 128) -> Tensor:
+def assign_with_feedback(weight: Tensor, upper: Tensor, codebook: Tensor, blocksize: int = 128,
+                         variant: str = "published") -> Tensor:
     """Assignments (out, in / d) int64 of ``weight`` to a fixed ``codebook`` (k, d), with GPTQ-style error feedback.
 
     ``upper`` is the upper Cholesky factor of the damped inverse Hessian (:func:`prepare_hessian`).
-    Column groups of d, left to right: each row's d-vector takes the codeword minimising
-    ``sum_t (x_t - c_t)^2 / U_tt^2``; the group's error ``E = (W_F - Q_F) U_FF^-1`` updates the later
-    columns by ``- E U_FR``, lazily per block of ``blocksize`` columns. Runs in the dtype of ``weight``.
+    Column groups F of d, left to right; the group's error E updates the later columns R by
+    ``- E U_FR``, lazily per block of ``blocksize`` columns. Runs in the dtype of ``weight``.
+    ``variant="exact"``: codeword minimising ``sum_t (x_t - c_t)^2 / U_tt^2``, ``E = (W_F - Q_F) U_FF^-1``.
+    ``variant="published"`` (GPTVQ's ``gptq.py`` ``fasterquant`` with ``--hessian-weighted-lookups``):
+    weights ``1 / U_tt``, ``E = (W_F - Q_F) / diag(U_FF)``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"GPTVQ variant {variant!r}: expected one of {VARIANTS}")
     d = codebook.shape[1]
     out_features, in_features = weight.shape
     if blocksize < d or blocksize % d != 0:
@@ -166,7 +214,7 @@ def assign_with_feedback(weight: Tensor, upper: Tensor, codebook: Tensor, blocks
     w = weight.clone()
     codebook = codebook.to(w.dtype)
     upper = upper.to(w.dtype)
-    saliency = torch.diagonal(upper).pow(-2)
+    saliency = torch.diagonal(upper).pow(-2) if variant == "exact" else torch.diagonal(upper).reciprocal()
     assignments = torch.empty(out_features, in_features // d, dtype=torch.long, device=w.device)
     for i1 in range(0, in_features, blocksize):
         i2 = min(i1 + blocksize, in_features)
@@ -179,7 +227,10 @@ def assign_with_feedback(weight: Tensor, upper: Tensor, codebook: Tensor, blocks
                                      codebook)[0][0]
             assignments[:, (i1 + g) // d] = index
             u_group = u_block[group, group]
-            error = torch.linalg.solve_triangular(u_group, block[:, group] - codebook[index], upper=True, left=False)
+            if variant == "exact":
+                error = torch.linalg.solve_triangular(u_group, block[:, group] - codebook[index], upper=True, left=False)
+            else:
+                error = (block[:, group] - codebook[index]) / torch.diagonal(u_group)
             errors[:, group] = error
             block[:, g + d :] -= error @ u_block[group, g + d :]
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
@@ -238,9 +289,40 @@ def update_codebook(weight: Tensor, hessian: Tensor, codebook: Tensor, assignmen
     return current
 
 
+def adam_codebook_update(weight: Tensor, hessian: Tensor, codebook: Tensor, assignments: Tensor, steps: int = 25,
+                         lr: float = 1e-3) -> Tensor:
+    """GPTVQ's ``lut_m_step``: ``steps`` Adam steps on ``tr((W - C[A]) H (W - C[A])^T)`` (the raw Hessian and
+    weight); a step whose loss exceeds the starting one (or is NaN) restarts from the start with lr / 10."""
+    with torch.inference_mode(False), torch.enable_grad():  # the quantize stage runs in inference mode
+        return _adam_steps(weight.float().clone(), hessian.float().clone(), codebook.float().clone(),
+                           assignments.long().reshape(-1).clone(), steps, lr)
+
+
+def _adam_steps(w: Tensor, h: Tensor, start: Tensor, flat: Tensor, steps: int, lr: float) -> Tensor:
+    def loss(c: Tensor) -> Tensor:
+        delta = w - c[flat].reshape(w.shape)
+        return ((delta @ h) * delta).sum()
+
+    with torch.no_grad():
+        before = loss(start)
+    while True:
+        current = start.clone().requires_grad_()
+        optimizer = torch.optim.Adam([current], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            value = loss(current)
+            if value > before or torch.isnan(value):
+                break
+            value.backward()
+            optimizer.step()
+        else:
+            return current.detach()
+        lr *= 0.1
+
+
 def gptvq_quantize(weight: Tensor, hessian: Tensor, k: int, d: int, *, percdamp: float = 0.01,
                    blocksize: int = 128, kmeans_iters: int = 10, codebook_update_iters: int = 25,
-                   seed: int = 0) -> dict[str, Tensor]:
+                   seed: int = 0, variant: str = "published") -> dict[str, Tensor]:
     """GPTVQ of one layer (see the module docstring): its packed "vq" tensors.
 
     ``weight`` (out, in) and ``hessian`` (in, in) (``X^T X`` of the layer's inputs, any positive
@@ -251,14 +333,22 @@ def gptvq_quantize(weight: Tensor, hessian: Tensor, k: int, d: int, *, percdamp:
     not a multiple of d or k exceeds the number of sub-vectors. Deterministic for ``seed``.
     """
     _check(weight, hessian, k, d, blocksize)
+    if variant not in VARIANTS:
+        raise ValueError(f"GPTVQ variant {variant!r}: expected one of {VARIANTS}")
     out_features, in_features = weight.shape
     w, h, upper = prepare_hessian(weight, hessian, percdamp)
-    saliency = torch.diagonal(upper).pow(-2).reshape(-1, d)  # (in / d, d): one row per column group
-    codebook, _ = weighted_kmeans(w.view(out_features, -1, d), saliency, k, iters=kmeans_iters, seed=seed)
+    if variant == "exact":
+        saliency = torch.diagonal(upper).pow(-2).reshape(-1, d)  # (in / d, d): one row per column group
+        codebook, _ = weighted_kmeans(w.view(out_features, -1, d), saliency, k, iters=kmeans_iters, seed=seed)
+    else:
+        codebook = published_kmeans(w.view(out_features, -1, d), torch.diagonal(upper).reshape(-1, d), k, kmeans_iters)
     blocksize = min(blocksize, in_features)
     with one_thread():  # the column loop's operations are small (as GPTQ's)
-        assignments = assign_with_feedback(w, upper, codebook, blocksize).reshape(-1)
-    codebook = update_codebook(w, h, codebook, assignments, codebook_update_iters)
+        assignments = assign_with_feedback(w, upper, codebook, blocksize, variant).reshape(-1)
+    if variant == "exact":
+        codebook = update_codebook(w, h, codebook, assignments, codebook_update_iters)
+    else:
+        codebook = adam_codebook_update(weight, hessian, codebook, assignments, codebook_update_iters)
     packed = {
         "assignments": assignments.to(index_dtype(k)),
         "codebook": codebook.half(),

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from vq4dit import size
 from vq4dit.methods.calibration import CalibrationConfig, Trajectories, collect_calibration_inputs
-from vq4dit.methods.gptq import gptq_quantize, output_error
-from vq4dit.methods.gptvq import gptvq_quantize
+from vq4dit.methods.gptq import GROUP_GRIDS, gptq_quantize, output_error
+from vq4dit.methods.gptvq import VARIANTS, gptvq_quantize
 from vq4dit.io import config_from_dict, progress
 from vq4dit.packed import Packed
 
@@ -65,6 +65,10 @@ class BaselineConfig:
     """GPTVQ's k-means iterations (the VQ4DiT rows' value)."""
     codebook_update_iters: int = 25
     """GPTVQ's codebook-update iterations."""
+    gptq_group_grid: str = "published"
+    """GPTQ / Q-DiT group grids: from the lazy batch's start copy of W (published) or the error-updated columns."""
+    gptvq_variant: str = "published"
+    """GPTVQ: its published code's k-means, column loop and Adam codebook update, or the exact ones (vq4dit.methods.gptvq)."""
 
     def __post_init__(self) -> None:
         for key in ("trajectories", "labels_per_trajectory", "steps", "blocksize"):
@@ -72,6 +76,9 @@ class BaselineConfig:
                 raise ValueError(f"baselines key {key!r}: {getattr(self, key)}, expected >= 1")
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"baselines key 'percdamp': {self.percdamp}, expected 0 <= percdamp < 1")
+        for key, allowed in (("gptq_group_grid", GROUP_GRIDS), ("gptvq_variant", VARIANTS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"baselines key {key!r}: {getattr(self, key)!r}, expected one of {list(allowed)}")
         if not self.qdit_group_sizes or min(self.qdit_group_sizes) < 0:
             raise ValueError(f"baselines key 'qdit_group_sizes': {self.qdit_group_sizes}, expected group sizes >= 0")
 
@@ -145,7 +152,8 @@ def quantize_gptq(model, names, setting, calibration, device, teacher, baselines
     bits, group_size = int(setting["bits"]), int(setting.get("group_size", 0))
     hessians, rows = layer_hessians(teacher, names, calibration, baselines, device)
     packed = {name: gptq_quantize(w, h, bits, group_size=group_size, act_order=baselines.act_order,
-                                  percdamp=baselines.percdamp, blocksize=baselines.blocksize)
+                                  percdamp=baselines.percdamp, blocksize=baselines.blocksize,
+                                  group_grid=baselines.gptq_group_grid)
               for name, w, h in each_layer(model, names, hessians)}
     shapes = size.linear_shapes(model, names)
     overhead = [size.grouped_overhead_bits(s, group_size, baselines.act_order) for s in shapes]
@@ -188,7 +196,8 @@ def quantize_qdit(model, names, setting, calibration, device, teacher, baselines
     for name, w, h in each_layer(model, names, hessians):
         sizes = dict.fromkeys(effective_group_size(g, w.shape[1]) for g in baselines.qdit_group_sizes)
         candidates[name] = {g: gptq_quantize(w, h, bits, group_size=g, act_order=act_order, percdamp=baselines.percdamp,
-                                             blocksize=baselines.blocksize) for g in sizes}
+                                             blocksize=baselines.blocksize, group_grid=baselines.gptq_group_grid)
+                            for g in sizes}
         errors[name] = {g: output_error(w, p, h) for g, p in candidates[name].items()}
     shapes = dict(zip(names, size.linear_shapes(model, names)))
     costs = {n: {g: size.grouped_overhead_bits(shapes[n], g, act_order) for g in errors[n]} for n in names}
@@ -210,6 +219,7 @@ def quantize_gptvq(model, names, setting, calibration, device, teacher, baseline
     hessians, rows = layer_hessians(teacher, names, calibration, baselines, device)
     packed = {name: gptvq_quantize(w.detach().float(), h, k, d, percdamp=baselines.percdamp,
                                    blocksize=baselines.blocksize, kmeans_iters=baselines.kmeans_iters,
-                                   codebook_update_iters=baselines.codebook_update_iters, seed=calibration.seed)
+                                   codebook_update_iters=baselines.codebook_update_iters, seed=calibration.seed,
+                                   variant=baselines.gptvq_variant)
               for name, w, h in each_layer(model, names, hessians)}
     return packed, {"size": size.vq_size(size.linear_shapes(model, names), k, d), "hessian_rows": rows}

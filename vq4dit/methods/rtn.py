@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # vq4dit.packed imports this module
 
 #: RepQ-ViT's clipping percentiles (``quantizer.py``, ``init_quantization_scale``)
 REPQ_PERCENTILES = (0.999, 0.9999, 0.99999)
+#: the smallest positive fp16 number (subnormal), the least step a stored fp16 scale can have
+FP16_TINY = 2.0**-24
 
 
 def check_bits(bits: int) -> int:
@@ -36,9 +38,19 @@ def check_bits(bits: int) -> int:
 
 
 def grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, clamp_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-representable (scale, zero) of the asymmetric grid over [lo, hi] (as float32 tensors)."""
+    """fp16-representable (scale, zero) of the asymmetric grid over [lo, hi] (as float32 tensors).
+
+    Degenerate ranges, whose step would be 0 in fp16: the range is widened to include 0, an empty one
+    [0, 0] becomes [-1, 1] (as GPTQ's ``quant.py`` and Q-DiT's ``qdit/quant.py`` ``find_params``), and
+    the step is at least fp16's smallest subnormal, so every grid is finite.
+    """
     levels = check_bits(bits)
-    scale = ((hi - lo) / levels).clamp(min=1e-8).half().float()
+    degenerate = ((hi - lo) / levels).half() == 0
+    lo = torch.where(degenerate, lo.clamp(max=0), lo)
+    hi = torch.where(degenerate, hi.clamp(min=0), hi)
+    empty = hi == lo
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / levels).clamp(min=FP16_TINY).half().float()
     zero = torch.round(-lo / scale)
     return scale, (zero.clamp(0, levels) if clamp_zero else zero).half().float()
 

@@ -38,7 +38,8 @@ def quantize_vq(model, names, setting, cfg: CalibrationConfig, device, teacher,
     resume = load_checkpoint(checkpoint, key, device) if calibrated else None
     if resume is None:
         vq, layers = assignments.quantize_model_linears(model, names, k=k, d=d, n_candidates=n,
-                                                        kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+                                                        kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
+                                                        ratio_init=cfg.ratio_init)
     else:
         vq, layers = restore_layers(model, names, resume)
     release_free_heap()
