@@ -1,4 +1,4 @@
-"""Shared fixtures: single-threaded torch (tiny tensors are faster without OpenMP) and a tiny DiT."""
+"""Shared fixtures: single-threaded torch (tiny tensors are faster without OpenMP), a tiny DiT, a small one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import signal
 import torch
 import pytest
 
-from vq4dit.models import build_transformer
+from diffusers import DiTTransformer2DModel
+
+from vq4dit.models import build_transformer, tie_embedders, untie_embedders
 
 torch.set_num_threads(1)
 
@@ -27,6 +29,18 @@ def tiny_dit_dir(tiny_dit, tmp_path):
     folder = tmp_path / "transformer"
     tiny_dit.save_pretrained(folder)
     return folder
+
+
+def small_dit() -> DiTTransformer2DModel:
+    """A random 2-block DiT, hidden 384 (large enough that the safetensors header is within the size rule's 2 %),
+    its blocks holding equal embedder copies as converted DiT checkpoints do."""
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, num_layers=2, patch_size=2,
+                                  in_channels=4, out_channels=8, sample_size=8, num_embeds_ada_norm=10,
+                                  norm_num_groups=1)
+    tie_embedders(model)
+    untie_embedders(model)
+    return model.eval()
 
 
 @pytest.fixture

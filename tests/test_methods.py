@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from diffusers import DiTTransformer2DModel
 
 from vq4dit.methods import REGISTRY, method
 from vq4dit.methods.calibration import CalibrationConfig
 from vq4dit.methods.hessians import BaselineConfig
-from vq4dit.models import block_linear_names, tie_embedders, untie_embedders
+from vq4dit.models import block_linear_names
 from vq4dit.packed import FORMATS, nonblock_bytes, read_packed, save_packed
 from vq4dit.plots import METHOD_COLOURS
+from conftest import small_dit
 
 SCHEMA = Path(__file__).parents[1] / "workflow" / "schemas" / "settings.schema.yaml"
 
@@ -61,18 +61,6 @@ def test_unknown_method_names_the_known_ones():
 def test_importing_the_registry_does_not_import_torch():
     code = "import sys, vq4dit.methods; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
-
-
-def small_dit() -> DiTTransformer2DModel:
-    """A random 2-block DiT, hidden 384 (large enough that the safetensors header is within the size rule's 2 %),
-    its blocks holding equal embedder copies as converted DiT checkpoints do."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, num_layers=2, patch_size=2,
-                                  in_channels=4, out_channels=8, sample_size=8, num_embeds_ada_norm=10,
-                                  norm_num_groups=1)
-    tie_embedders(model)
-    untie_embedders(model)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors import safe_open
 
+from conftest import small_dit
 from vq4dit.methods import REGISTRY
 from vq4dit.methods.calibration import CalibrationConfig
-from vq4dit.models import block_linear_names, tie_embedders, untie_embedders
+from vq4dit.models import block_linear_names
 from vq4dit.packed import (
     load_quantized_transformer, nonblock_bytes, pack_bits, read_packed, save_packed, unpack_bits,
 )
@@ -46,13 +47,7 @@ def test_codes_that_do_not_fit_are_rejected():
 @pytest.fixture(scope="module")
 def shared_dit():
     """A 2-block DiT, hidden 384, whose blocks hold equal embedder copies (as converted DiT checkpoints do)."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, num_layers=2, patch_size=2,
-                                  in_channels=4, out_channels=8, sample_size=8, num_embeds_ada_norm=10,
-                                  norm_num_groups=1)
-    tie_embedders(model)
-    untie_embedders(model)
-    return model.eval()
+    return small_dit()
 
 
 def quantized_file(model, setting, path):
