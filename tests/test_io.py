@@ -26,9 +26,21 @@ def test_cpu_without_cuda(monkeypatch):
 def test_atomic_savez_and_load_npz_name_missing_keys(tmp_path):
     path = tmp_path / "a.npz"
     io.atomic_savez(path, arr_0=np.zeros(3))
-    assert not list(tmp_path.glob("*.part"))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]  # no temporary file or folder left
     assert io.load_npz(path, ("arr_0",))["arr_0"].shape == (3,)
     with pytest.raises(ValueError, match="a.npz.*labels"):
         io.load_npz(path, ("labels",))
     with pytest.raises(FileNotFoundError, match="b.npz"):
         io.load_npz(tmp_path / "b.npz", ("arr_0",))
+
+
+def test_atomic_torch_save_writes_the_bytes_of_a_direct_save(tmp_path):
+    """torch.save names its zip records after the file: the temporary file must carry the output's name."""
+    state = {"w": torch.arange(6.0)}
+    torch.save(state, tmp_path / "direct.pt")
+    (tmp_path / "atomic").mkdir()
+    with io.atomic_output(tmp_path / "atomic" / "direct.pt") as tmp:
+        torch.save(state, tmp)
+    assert (tmp_path / "atomic" / "direct.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+    assert [p.name for p in (tmp_path / "atomic").iterdir()] == ["direct.pt"]
+

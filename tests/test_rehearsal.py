@@ -68,10 +68,15 @@ def test_assets_are_byte_identical_when_written_twice(tmp_path):
         assert np.linalg.eigvalsh(ref["sigma"]).min() > 0  # FID takes its matrix square root
 
 
-def test_pinned_hash_of_the_vae_config_is_reproduced(tmp_path):
+def test_pinned_hashes_of_the_vae_config_and_the_inception_weights_are_reproduced(tmp_path):
+    """The written bytes are what config/rehearsal.yaml pins (the inception weights: a torch.save zip, whose
+    records are named after the file, so an atomic write must not change that name)."""
     config = yaml.safe_load((REPO / "config/rehearsal.yaml").read_text())
     write_asset("vae-config", tmp_path / "config.json", seed=0, image_size=256, n_images=8)
     assert sha256(tmp_path / "config.json") == config["vae"]["files"]["config.json"]["sha256"]
+    weights = config["feature_extractor"]["weights"]
+    write_asset("inception", tmp_path / weights["file"], seed=0, image_size=256, n_images=8)
+    assert sha256(tmp_path / weights["file"]) == weights["sha256"]
 
 
 def test_notice_is_on_every_table_format(tmp_path):

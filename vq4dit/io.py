@@ -73,8 +73,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _tmp(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.part")
+    """``path``'s name in a hidden folder beside it: writers that record their file's name (torch.save names
+    its zip's records after it) write the same bytes as to ``path`` itself."""
+    folder = path.with_name(f".{path.name}.part")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / path.name
 
 
 @contextmanager
@@ -97,6 +100,7 @@ def atomic_output(path: Path, write_errors: tuple[type[Exception], ...] = ()) ->
         raise (OSError(err.errno, message) if getattr(err, "errno", None) else OSError(message)) from err
     finally:
         tmp.unlink(missing_ok=True)
+        tmp.parent.rmdir()
 
 
 #: key of the checksum record (:func:`atomic_savez`) in the .npz files the pipeline writes
