@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vq4dit import io, manifest
 from vq4dit.__main__ import main
@@ -30,7 +32,7 @@ def make_run(root: Path, seed: int, preset: str = "p") -> dict[str, list[str]]:
     for path in files.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     files["prepare"].write_bytes(b"weights")
-    files["quantize"].write_bytes(b"packed")
+    save_file({"w": torch.zeros(2)}, str(files["quantize"]), metadata={"setting": "{}"})
     files["quantize"].with_suffix(".json").write_text(json.dumps({"quantize_seconds": 1.0 + seed, "environment": ENV}))
     images = np.random.default_rng(seed).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
     io.atomic_savez(files["sample"], arr_0=images, labels=np.arange(4),
@@ -60,6 +62,35 @@ def test_npz_hash_is_of_the_arrays_not_of_the_zip_or_its_meta(tmp_path):
     assert manifest.arrays_sha256(tmp_path / "a.npz") == manifest.arrays_sha256(tmp_path / "b.npz")
     io.atomic_savez(tmp_path / "c.npz", arr_0=arrays["arr_0"].astype(np.int16))
     assert manifest.arrays_sha256(tmp_path / "c.npz") != manifest.arrays_sha256(tmp_path / "a.npz")  # dtype counts
+
+
+def reordered_metadata(source: Path, target: Path) -> None:
+    """``source`` rewritten by the format's definition (u64 LE header length, JSON header, data) with the
+    header's metadata entries in reverse order, as another safetensors process may write them."""
+    raw = source.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = dict(reversed(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to 8 bytes
+    target.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+
+
+def test_packed_model_hash_is_of_its_content_not_of_its_metadata_order(tmp_path):
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"setting": "{}", "layers": "{}", "tied": "[]"})
+    reordered_metadata(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"packed, but not safetensors")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        manifest.tensors_sha256(tmp_path / "bad.safetensors")
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:  # still a valid file, same tensors
+        assert torch.equal(f.get_tensor("w"), tensors["w"]) and f.metadata() == {"setting": "{}", "layers": "{}",
+                                                                                 "tied": "[]"}
+    assert manifest.file_sha256(tmp_path / "a.safetensors") != manifest.file_sha256(tmp_path / "b.safetensors")
+    assert manifest.tensors_sha256(tmp_path / "a.safetensors") == manifest.tensors_sha256(tmp_path / "b.safetensors")
+    save_file({**tensors, "w": tensors["w"] + 1}, str(tmp_path / "c.safetensors"),
+              metadata={"setting": "{}", "layers": "{}", "tied": "[]"})
+    assert manifest.tensors_sha256(tmp_path / "c.safetensors") != manifest.tensors_sha256(tmp_path / "a.safetensors")
 
 
 def test_manifest_records_every_stage_with_environments_and_seeds(tmp_path):

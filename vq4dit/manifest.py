@@ -11,8 +11,10 @@ What ``sha256`` hashes: the file's bytes, except for the .npz files the pipeline
 features, the digits reference), whose zip headers carry the time they were written (``np.savez``):
 for those it hashes the arrays (name, dtype, shape, bytes, in name order) without ``meta`` and the
 checksum record (:func:`vq4dit.io.atomic_savez`), so two runs that computed the same numbers have
-the same hash (``hash_of: arrays``). Downloaded files (``resources/…``) are hashed as files, the
-value their ``sha256`` in the config pins.
+the same hash (``hash_of: arrays``). Packed models (.safetensors) are hashed by content (``hash_of:
+tensors``): safetensors writes its metadata map in a random order per process, so equal models can
+differ in bytes. Downloaded files (``resources/…``) are hashed as files, the value their ``sha256`` in
+the config pins.
 
 ``python -m vq4dit compare-manifests A B`` names the first artifact, in DAG order, whose hash differs
 or that only one run has, with both jobs' environments, and the config keys, libraries and devices
@@ -63,18 +65,45 @@ def arrays_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(path: Path) -> str:
+    """sha256 of a .safetensors file's header with sorted keys (metadata included) and its data bytes.
+
+    Written by hand: safetensors has no content hash, and the order of its header's metadata map is random.
+    """
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > path.stat().st_size - 8:
+            raise ValueError(f"header length {length} exceeds the file: not a safetensors file")
+        header = json.loads(f.read(length))
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hash(file: Path) -> tuple[str, str]:
+    """(sha256, what it hashes) of one artifact: arrays of the pipeline's .npz, content of packed models, else bytes."""
+    if file.as_posix().startswith("resources/"):
+        return file_sha256(file), "file"
+    if file.suffix == ".npz":
+        return arrays_sha256(file), "arrays"
+    if file.suffix == ".safetensors" and file.parent.parent.name == "quantized":
+        return tensors_sha256(file), "tensors"
+    return file_sha256(file), "file"
+
+
 def artifact(stage: str, path: str) -> dict:
     """One manifest entry: stage, path, bytes, sha256 (of the file or of the arrays) and the job's environment."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: file not found (a {stage} output the manifest lists)")
-    by_arrays = file.suffix == ".npz" and not file.as_posix().startswith("resources/")
     try:
-        sha256, meta = (arrays_sha256(file), read_meta(file)) if by_arrays else (file_sha256(file), None)
+        sha256, hash_of = file_hash(file)
     except (ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path}: cannot read .npz ({err})") from err
+        raise ValueError(f"{path}: cannot read {file.suffix} ({err})") from err
+    meta = read_meta(file) if hash_of == "arrays" else None
     entry = {"stage": stage, "path": file.as_posix(), "bytes": file.stat().st_size, "sha256": sha256,
-             "hash_of": "arrays" if by_arrays else "file"}
+             "hash_of": hash_of}
     if file.suffix == ".safetensors" and stage == "quantize":
         info = read_json(file.with_suffix(".json"))
         meta = info.get("environment")
