@@ -282,7 +282,7 @@ def test_concurrent_gpu_jobs_each_use_the_gpu_slurm_gave_them(cluster, tmp_path,
 
 # Time-limit runs: work sized from the speed measured just before (one thread, as the jobs), so that the first
 # attempt is cut by SLURM's 1-minute minimum limit (enforced 60-90 s in) and the retry, resuming, finishes.
-WORK_SECONDS = 100
+WORK_SECONDS = 150  # well past the 60-90 s at which SLURM cuts the first attempt, even if measured slow
 SAMPLE_BATCH, SAMPLE_STEPS = 4, 50
 LONG_CALIBRATION = dict(labels_per_trajectory=2, streams=1, steps=4, kmeans_iters=2,
                         checkpoint_minutes=60)  # no periodic checkpoint: only SIGTERM at the limit writes one
