@@ -156,14 +156,14 @@ def corrupt(path: str | Path, what: str, made_by: str | None) -> ValueError:
     return ValueError(f"{path}: {what}: the file is corrupt; delete it and rerun {rule} that makes it")
 
 
-def verify_file(path: str | Path, expected: str | None, made_by: str) -> None:
-    """ValueError (:func:`corrupt`) unless the file's sha256 is ``expected``; None: nothing recorded, not checked."""
+def verify_file(path: str | Path, expected: str | None, made_by: str) -> str:
+    """The file's sha256; ValueError (:func:`corrupt`) unless it is ``expected`` (None: nothing recorded, not checked)."""
+    actual = file_sha256(path)
     if not expected:
         log.warning("%s: no sha256 recorded by the rule '%s'; not checked", path, made_by)
-        return
-    actual = file_sha256(path)
-    if actual != expected:
+    elif actual != expected:
         raise corrupt(path, f"sha256 mismatch (expected {expected}, got {actual})", made_by)
+    return actual
 
 
 def verify_npz(path: str | Path) -> None:

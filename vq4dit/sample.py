@@ -381,8 +381,8 @@ def recorded_sha256(info: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.quantize_info:
-        verify_file(args.quantized, recorded_sha256(Path(args.quantize_info)), "quantize")
+    packed_sha256 = (verify_file(args.quantized, recorded_sha256(Path(args.quantize_info)), "quantize")
+                     if args.quantize_info else file_sha256(args.quantized))  # hashed once: checked, the resume key
     device = resolve_device(args.device)
     model = load_quantized_transformer(args.transformer, args.quantized, device)
     if args.compile:
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> None:
     vae = load_vae(args.vae, device)
     log.info("sampling images %d..%d, %d steps, cfg %.2f on %s", args.start, args.start + args.count - 1,
              args.steps, args.cfg_scale, device)
-    key = {"packed_sha256": file_sha256(args.quantized), "start": args.start, "count": args.count,
+    key = {"packed_sha256": packed_sha256, "start": args.start, "count": args.count,
            "seed": args.seed, "steps": args.steps,
            "cfg_scale": args.cfg_scale, "cfg_channels": args.cfg_channels, "precision": args.precision, "vae": args.vae}
     store = BatchStore(partial_folder(Path(args.output)), key)
