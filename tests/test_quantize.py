@@ -56,6 +56,22 @@ def test_fp_setting_reloads_the_same_model(tiny_dit, tiny_dit_dir, tmp_path):
     assert info["packed_sha256"] == hashlib.sha256(packed.read_bytes()).hexdigest()  # what the sample jobs check
 
 
+def test_block_mse_check_off_records_null_and_the_same_packed_model(tiny_dit_dir, tmp_path):
+    setting = {"id": "rtn-w2", "method": "rtn", "bits": 2}
+    (tmp_path / "on").mkdir()
+    packed_on, info_on = run_quantize(tiny_dit_dir, tmp_path / "on", setting)
+    packed_off, info_off = tmp_path / "off.safetensors", tmp_path / "off.json"
+    subprocess.run(
+        [sys.executable, "-m", "vq4dit", "quantize", "--transformer", str(tiny_dit_dir / "config.json"),
+         "--setting", json.dumps(setting), "--calibration", json.dumps({"block_mse": False}), "--device", "cpu",
+         "--output", str(packed_off), "--info", str(info_off)],
+        check=True, capture_output=True,
+    )
+    assert info_on["block_mse"] > 0 and json.loads(info_off.read_text())["block_mse"] is None
+    assert load_file(str(packed_on)).keys() == load_file(str(packed_off)).keys()
+    assert all(torch.equal(a, load_file(str(packed_off))[k]) for k, a in load_file(str(packed_on)).items())
+
+
 def test_rtn_setting_packs_and_dequantizes_every_block_linear(tiny_dit, tiny_dit_dir, tmp_path):
     packed, info = run_quantize(tiny_dit_dir, tmp_path, {"id": "rtn-w2", "method": "rtn", "bits": 2})
     state, layers, _ = read_packed(packed)
@@ -122,7 +138,7 @@ def _quantize_command(tiny_dit_dir, tmp_path, name: str, calibration: dict) -> l
 def test_calibration_killed_mid_run_resumes_to_the_same_packed_tensors(tiny_dit_dir, tmp_path):
     """SIGKILL after the first checkpoint (mid-trajectory: two staggered streams); the rerun resumes there and
     writes what an uninterrupted run writes."""
-    calibration = {**TINY_CALIBRATION, "outer_iterations": 24, "steps": 5, "streams": 2, "checkpoint_minutes": 0}
+    calibration = {**TINY_CALIBRATION, "outer_iterations": 8, "steps": 5, "streams": 2, "checkpoint_minutes": 0}
     subprocess.run(_quantize_command(tiny_dit_dir, tmp_path, "whole", calibration), check=True, capture_output=True)
     assert not (tmp_path / "whole.resume.pt").exists()  # removed once the job is done
     command = _quantize_command(tiny_dit_dir, tmp_path, "cut", calibration)
@@ -134,11 +150,11 @@ def test_calibration_killed_mid_run_resumes_to_the_same_packed_tensors(tiny_dit_
     assert job.wait() == -signal.SIGKILL and not (tmp_path / "cut.json").exists()  # killed mid-run
     resumed = subprocess.run(command, check=True, capture_output=True, text=True)
     step = int(re.search(r"resuming calibration at optimiser step (\d+)", resumed.stderr).group(1))
-    assert 0 < step < 24 * 5
+    assert 0 < step < 8 * 5
     whole, cut = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
     assert whole.keys() == cut.keys() and all(torch.equal(whole[key], cut[key]) for key in whole)
     info = json.loads((tmp_path / "cut.json").read_text())
-    assert info["optimizer_steps"] == 24 * 5 and not checkpoint.exists()
+    assert info["optimizer_steps"] == 8 * 5 and not checkpoint.exists()
 
 
 def test_diverging_calibration_stops_in_one_line_and_writes_no_packed_model(tiny_dit_dir, tmp_path):

@@ -219,7 +219,7 @@ def fp_packed(tiny_dit_dir, tmp_path):
 def _sample_command(tiny_dit_dir, packed, output) -> list[str]:
     return [sys.executable, "-m", "vq4dit", "sample", "--transformer", str(tiny_dit_dir / "config.json"),
             "--quantized", str(packed), "--steps", "50", "--cfg-scale", "4", "--seed", "0", "--start", "0",
-            "--count", "60", "--batch-size", "2", "--device", "cpu", "--output", str(output)]
+            "--count", "16", "--batch-size", "2", "--device", "cpu", "--output", str(output)]
 
 
 def test_sample_job_ended_by_sigterm_resumes_to_the_uninterrupted_shard(tiny_dit_dir, fp_packed, tmp_path):
@@ -236,7 +236,7 @@ def test_sample_job_ended_by_sigterm_resumes_to_the_uninterrupted_shard(tiny_dit
     assert job.returncode == 1 and not cut.exists(), stderr
     assert stderr.strip().splitlines()[-1].startswith("vq4dit sample: error: SIGTERM received"), stderr
     kept = len(list(partial.glob("batch-*.npz")))
-    assert 0 < kept < 30
+    assert 0 < kept < 8
     resumed = subprocess.run(_sample_command(tiny_dit_dir, fp_packed, cut), check=True, capture_output=True, text=True)
     assert f"resuming at image {2 * kept}" in resumed.stderr and not partial.exists()
     with np.load(whole) as a, np.load(cut) as b:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     save_packed(fp_model.state_dict(), packed, spec.format, setting, output)
     info["packed_sha256"] = file_sha256(output)  # checked by the sample jobs before they load it
-    info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device)
+    info["block_mse"] = evaluate_block_mse(fp_model, args.transformer, output, cfg, device) if cfg.block_mse else None
     info.update(setting=setting, file_mb=output.stat().st_size / 2**20, n_layers=len(names),
                 nonblock_mb=nonblock_bytes(fp_model.state_dict(), names) / 2**20,
                 environment=environment(device, seed=cfg.seed))  # device and numerics, for the manifest

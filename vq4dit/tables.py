@@ -75,7 +75,7 @@ def info_row(path: str) -> dict:
         "size_mb": size["total_mb"],
         "file_mb": info["file_mb"],
         "quantize_seconds": info["quantize_seconds"],
-        "block_mse": info["block_mse"],
+        "block_mse": info["block_mse"],  # null where calibration key block_mse is off
         "calibration_seconds": info.get("calibration_seconds"),
         "optimizer_steps": info.get("optimizer_steps"),  # whole-model calibration steps (the authors' unit)
     }

@@ -121,6 +121,9 @@ class CalibrationConfig:
     ``labels_per_trajectory`` labels of a step (1: the authors' loop, every step at one timestep)."""
     checkpoint_minutes: float = 5.0
     """Minimum wall time between two resumable checkpoints."""
+    block_mse: bool = True
+    """Every quantize job's held-out block-MSE check (one more teacher trajectory, the packed model reloaded);
+    off, the job records ``block_mse`` as null."""
 
     def __post_init__(self) -> None:
         if self.streams < 1 or self.labels_per_trajectory % self.streams:
