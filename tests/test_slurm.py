@@ -130,6 +130,13 @@ def slurm_run(cluster, tmp_path_factory):
     write_config(local, "slurm.yaml", **REDUCED)
     since = run("date", "+%Y-%m-%dT%H:%M:%S").strip()
     time.sleep(1)
+    # the local reference, side by side with the SLURM run (whose jobs wait on the scheduler much of the time):
+    # same config and seeds, each rule with the profile's thread count
+    threads = [f"{rule}={n}" for rule, n in PROFILE["set-threads"].items()]
+    local_log = (base / "local.log").open("w")  # a file, not a pipe: nothing read from it before the end
+    reference = subprocess.Popen(["snakemake", "--cores", str(max(PROFILE["set-threads"].values())), "--configfile",
+                                  config, "--set-threads", *threads], cwd=local, stdout=local_log,
+                                 stderr=subprocess.STDOUT, text=True)
     faults = Faults()
     faults.start()
     code, output = snakemake(
@@ -137,10 +144,9 @@ def slurm_run(cluster, tmp_path_factory):
         "--default-resources", f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS, check=False)
     faults.stop.set()
     jobs = sacct(since)
-    # the local reference: same config and seeds, each rule with the profile's thread count
-    threads = [f"{rule}={n}" for rule, n in PROFILE["set-threads"].items()]
-    snakemake(local, "--cores", str(max(PROFILE["set-threads"].values())), "--configfile", config,
-              "--set-threads", *threads)
+    reference.wait()
+    local_log.close()
+    assert reference.returncode == 0, (base / "local.log").read_text()[-5000:]
     return dict(code=code, output=output, jobs=jobs, faults=faults.done, remote=remote, local=local)
 
 
@@ -201,7 +207,7 @@ def test_cancelled_job_is_retried(cluster, tmp_path):
     config = write_config(workdir, "slurm.yaml", **REDUCED)
     since = run("date", "+%Y-%m-%dT%H:%M:%S").strip()
     time.sleep(1)
-    command = ["timeout", "-k", "10", "90", "snakemake", "results/smoke/reference/digits.npz",
+    command = ["timeout", "-k", "10", "60", "snakemake", "results/smoke/reference/digits.npz",
                "--workflow-profile", "profiles/slurm", "--configfile", config, "--default-resources",
                f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS]
     snake = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -339,13 +345,43 @@ def time_limit_run(cluster, tmp_path_factory):
     code, output = snakemake(workdir, QUANTIZED, SHARD, "--workflow-profile", "profiles/slurm", "--configfile", config,
                              "--default-resources", f"slurm_account={ACCOUNT}", "slurm_partition=cpu", *FAST_STATUS,
                              check=False)
-    return dict(code=code, output=output, jobs=sacct(since), workdir=workdir,
+    run_ = dict(code=code, output=output, jobs=sacct(since), workdir=workdir,
                 config=yaml.safe_load((workdir / config).read_text()))
+    if code == 0:
+        run_["uninterrupted"] = uninterrupted_runs(run_)
+    return run_
 
 
-def uninterrupted(command: list[str], workdir: Path, threads: int) -> None:
-    subprocess.run(command, cwd=workdir, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+def uninterrupted_runs(run_: dict) -> dict[str, Path]:
+    """The quantize job and the shard once more outside SLURM, uninterrupted, side by side (one thread each, as
+    the jobs had); the paths of their outputs."""
+    from vq4dit.io import read_meta
+
+    workdir, sampling = run_["workdir"], run_["config"]["sampling"]
+    info = json.loads((workdir / QUANTIZED.replace(".safetensors", ".json")).read_text())
+    outputs = {"quantize": workdir / "uninterrupted.safetensors", "sample": workdir / "uninterrupted.npz"}
+    commands = {
+        "quantize": ([sys.executable, "-m", "vq4dit", "quantize", "--transformer",
+                      "results/smoke/models/digits/transformer/config.json", "--setting", json.dumps(info["setting"]),
+                      "--calibration", json.dumps(run_["config"]["calibration"]), "--device", "cpu",
+                      "--output", str(outputs["quantize"]), "--info", str(workdir / "uninterrupted.json")],
+                     info["environment"]["threads"]),
+        "sample": ([sys.executable, "-m", "vq4dit", "sample", "--transformer",
+                    "results/smoke/models/digits/transformer/config.json", "--quantized",
+                    "results/smoke/quantized/digits/fp.safetensors", "--steps", str(SAMPLE_STEPS),
+                    "--cfg-scale", str(sampling["cfg_scale"]), "--seed", str(sampling["seed"]), "--start", "0",
+                    "--count", str(sampling["n_samples"]), "--batch-size", str(SAMPLE_BATCH), "--device", "cpu",
+                    "--output", str(outputs["sample"])], read_meta(workdir / SHARD)["threads"]),
+    }
+    logs = {name: workdir / f"uninterrupted-{name}.log" for name in commands}
+    jobs = {}
+    for name, (command, threads) in commands.items():
+        with logs[name].open("w") as log:  # files, not pipes: neither job waits on the other's reader
+            jobs[name] = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    for name, job in jobs.items():
+        assert job.wait() == 0, (name, logs[name].read_text()[-3000:])
+    return outputs
 
 
 def assert_timed_out_then_completed(jobs: pd.DataFrame, rule: str, wildcard: str) -> None:
@@ -363,34 +399,19 @@ def test_calibration_cut_by_the_time_limit_resumes_to_an_uninterrupted_runs_tens
     workdir = run_["workdir"]
     log = (workdir / "logs/smoke/quantize/digits/vq4dit-w2.log").read_text()
     assert "resuming calibration at optimiser step" in log  # from the checkpoint SIGTERM wrote at the limit
-    info = json.loads((workdir / QUANTIZED.replace(".safetensors", ".json")).read_text())
-    reference = workdir / "uninterrupted.safetensors"
-    uninterrupted([sys.executable, "-m", "vq4dit", "quantize", "--transformer",
-                   "results/smoke/models/digits/transformer/config.json", "--setting", json.dumps(info["setting"]),
-                   "--calibration", json.dumps(run_["config"]["calibration"]), "--device", "cpu",
-                   "--output", str(reference), "--info", str(workdir / "uninterrupted.json")],
-                  workdir, info["environment"]["threads"])
-    cut, whole = load_file(str(workdir / QUANTIZED)), load_file(str(reference))
+    cut, whole = load_file(str(workdir / QUANTIZED)), load_file(str(run_["uninterrupted"]["quantize"]))
     assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in cut)
 
 
 def test_sample_shard_cut_by_the_time_limit_resumes_to_an_uninterrupted_shard(time_limit_run):
     import numpy as np
-    from vq4dit.io import read_meta
 
     run_ = time_limit_run
     assert run_["code"] == 0, run_["output"][-5000:]
     assert_timed_out_then_completed(run_["jobs"], "sample", "fp")
-    workdir, sampling = run_["workdir"], run_["config"]["sampling"]
+    workdir = run_["workdir"]
     assert "resuming at image" in (workdir / f"logs/smoke/sample/digits/fp/steps{SAMPLE_STEPS}/shard0.log").read_text()
     assert not (workdir / (SHARD + ".partial")).exists()
-    reference = workdir / "uninterrupted.npz"
-    uninterrupted([sys.executable, "-m", "vq4dit", "sample", "--transformer",
-                   "results/smoke/models/digits/transformer/config.json", "--quantized",
-                   "results/smoke/quantized/digits/fp.safetensors", "--steps", str(SAMPLE_STEPS),
-                   "--cfg-scale", str(sampling["cfg_scale"]), "--seed", str(sampling["seed"]), "--start", "0",
-                   "--count", str(sampling["n_samples"]), "--batch-size", str(SAMPLE_BATCH), "--device", "cpu",
-                   "--output", str(reference)], workdir, read_meta(workdir / SHARD)["threads"])
-    with np.load(workdir / SHARD) as cut, np.load(reference) as whole:
+    with np.load(workdir / SHARD) as cut, np.load(run_["uninterrupted"]["sample"]) as whole:
         np.testing.assert_array_equal(cut["arr_0"], whole["arr_0"])
         np.testing.assert_array_equal(cut["labels"], whole["labels"])
