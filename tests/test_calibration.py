@@ -269,3 +269,13 @@ def test_nan_loss_stops_at_the_history_point_naming_step_and_block(tiny_dit, mon
     cfg = CalibrationConfig(**{**CFG, "objective": "blockwise"})
     with pytest.raises(NonFiniteLoss, match=r"L_d nan, L_r .* at optimiser step 6 in block 1; no packed model"):
         calibrate(tiny_dit, q_model, vq, layers, cfg)
+
+
+def test_checkpoint_fingerprint_ignores_the_checkpoint_interval_and_the_block_mse_check_only() -> None:
+    from vq4dit.methods.vq import fingerprint
+
+    setting, names = {"id": "vq4dit-w2", "method": "vq4dit", "k": 16, "d": 4}, ["a", "b"]
+    base = fingerprint(setting, CalibrationConfig(), names)
+    assert fingerprint(setting, CalibrationConfig(checkpoint_minutes=0, block_mse=False), names) == base
+    assert fingerprint(setting, CalibrationConfig(lr_logits=0.1), names) != base
+    assert fingerprint({**setting, "k": 32}, CalibrationConfig(), names) != base

@@ -14,10 +14,14 @@ from vq4dit.methods.calibration import CalibrationConfig, NonFiniteLoss, calibra
 from vq4dit.packed import Packed
 
 
+#: calibration keys that do not change the calibrated state: a checkpoint resumes across them
+NOT_FINGERPRINTED = ("checkpoint_minutes", "block_mse")
+
+
 def fingerprint(setting: dict, cfg: CalibrationConfig, names: list[str]) -> str:
-    """What a calibration checkpoint must match to be resumed: setting, calibration config (but the
-    checkpoint interval) and layer names."""
-    calibration = {k: v for k, v in vars(cfg).items() if k != "checkpoint_minutes"}
+    """What a calibration checkpoint must match to be resumed: setting, calibration config (but
+    :data:`NOT_FINGERPRINTED`) and layer names."""
+    calibration = {k: v for k, v in vars(cfg).items() if k not in NOT_FINGERPRINTED}
     text = json.dumps({"setting": setting, "calibration": calibration, "layers": names}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
