@@ -68,8 +68,8 @@ def test_block_mse_check_off_records_null_and_the_same_packed_model(tiny_dit_dir
         check=True, capture_output=True,
     )
     assert info_on["block_mse"] > 0 and json.loads(info_off.read_text())["block_mse"] is None
-    assert load_file(str(packed_on)).keys() == load_file(str(packed_off)).keys()
-    assert all(torch.equal(a, load_file(str(packed_off))[k]) for k, a in load_file(str(packed_on)).items())
+    on, off = load_file(str(packed_on)), load_file(str(packed_off))
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
 
 
 def test_rtn_setting_packs_and_dequantizes_every_block_linear(tiny_dit, tiny_dit_dir, tmp_path):
