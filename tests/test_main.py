@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,3 +19,11 @@ def test_threads_are_capped_at_the_cpu_mask(monkeypatch, requested, expected):
     cap_threads()
     cpus = len(os.sched_getaffinity(0))
     assert os.environ["OMP_NUM_THREADS"] == (str(min(64, cpus)) if expected is None else expected)
+
+
+def test_the_command_line_flushes_its_output_before_it_skips_teardown():
+    """``python -m vq4dit`` ends with os._exit (exit_now): what it printed to a block-buffered pipe still arrives."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "vq4dit", "size", "--arch", "DiT-S/2", "--json"],
+                          capture_output=True, text=True, env=env, check=True)
+    assert json.loads(done.stdout)["arch"] == "DiT-S/2"

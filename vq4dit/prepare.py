@@ -103,7 +103,7 @@ def train_digits_transformer(steps: int, batch_size: int, lr: float, seed: int, 
     tie_embedders(model)
     model.eval()  # no dropout layers; label dropout is done here, once per sample for all blocks
     loss_fn, gen = HybridLoss(), torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)  # = per-tensor, faster on CPU
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     bar = progress(range(steps), desc="train DiT-digits", unit="step")
     for _ in bar:
@@ -129,7 +129,7 @@ def train_digits_features(steps: int, batch_size: int, lr: float, seed: int) -> 
     perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
     train, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
     net, gen = DigitsFeatureNet(), torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)  # = per-tensor, faster on CPU
     for _ in progress(range(steps), desc="train digits-cnn", unit="step"):
         idx = train[torch.randint(len(train), (batch_size,), generator=gen)]
         shift = torch.randint(-1, 2, (2,), generator=gen).tolist()

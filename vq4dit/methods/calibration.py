@@ -296,11 +296,12 @@ def _block_index(name: str) -> int:
 
 
 def make_optimizer(vq: VQLayers, linears: list[VQLinear], cfg: CalibrationConfig) -> torch.optim.RMSprop:
-    """RMSprop (the authors' alpha 0.9) with the groups codebooks / biases / logits."""
+    """RMSprop (the authors' alpha 0.9) with the groups codebooks / biases / logits; ``foreach`` (torch's
+    default on CUDA, not on CPU) gives the same numbers as the per-tensor loop, faster."""
     groups = [([vq.codebook], cfg.lr_codebook), ([m.bias for m in linears if m.bias is not None], cfg.lr_bias),
               ([vq.logits], cfg.lr_logits)]
     return torch.optim.RMSprop([{"params": params, "lr": lr} for params, lr in groups if params],
-                               alpha=cfg.rmsprop_alpha)
+                               alpha=cfg.rmsprop_alpha, foreach=True)
 
 
 class Calibrator:
