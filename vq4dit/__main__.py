@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_FAILURE_OF.get(args.stage, EXIT_FAILURE))
 
 
-def exit_now(status: int = 0) -> None:
-    """Flush the standard streams and log handlers, then end the process without interpreter teardown.
+def exit_now() -> None:
+    """Flush the standard streams and log handlers, then end the successful process without interpreter teardown.
 
     Teardown with torch and diffusers loaded (module and C++ static destructors) takes about 1.1 s per
     process, 0.4 s with torch alone (benchmarks/README.md, "The slower 2-core machine, emulated"): paid by
@@ -89,7 +89,7 @@ def exit_now(status: int = 0) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     if sys.getprofile() is None and sys.gettrace() is None:
-        os._exit(status)
+        os._exit(0)
 
 
 if __name__ == "__main__":
